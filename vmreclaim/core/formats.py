@@ -1,0 +1,271 @@
+"""The format plugin kind: guest ranges of a virtual disk → byte ranges of an image file.
+
+A format driver (entry-point group ``vmreclaim.formats``) subclasses
+:class:`ImageFormat`. It recognises its files (:meth:`ImageFormat.probe`) and parses
+one into an :class:`Image` (:meth:`ImageFormat.open`). An ``Image`` answers three
+questions the rest of vmreclaim asks, and nothing else:
+
+* :meth:`Image.map` — where each guest byte lives and whether it may be punched
+  (``data``) or not (``shared``, ``compressed``, ``zero``, ``unallocated``);
+* :meth:`Image.metadata_ranges` — host bytes that are the format's own structures and
+  must never be punched, whatever a map says (the core checks both);
+* :meth:`Image.check_punchable` — whether the image's state allows punching at all
+  (a dirty or corrupt qcow2, a VHD with saved state: no).
+
+Drivers never write. Punching, alignment, locking and measuring are the core's
+(:mod:`vmreclaim.core.reclaim`), the same for every format. Every offset and length a
+driver reads from an image is untrusted: it goes through :class:`ImageFile`'s
+bounds-checked reads, and anything out of bounds is a :class:`CorruptImageError` that
+names the structure and the offset.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+import struct
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from vmreclaim.core.driver import Driver
+from vmreclaim.core.errors import CorruptImageError, UnsupportedImageError, UsageError
+from vmreclaim.core.extents import ExtentKind, ExtentMap
+from vmreclaim.core.ranges import ByteRange, RangeSet
+
+_BLKGETSIZE64 = 0x80081272
+
+#: Reads of image structures are capped: no table of a supported format needs more in
+#: one piece, and a hostile header must not make us allocate gigabytes.
+MAX_STRUCTURE_READ = 256 * 1024 * 1024
+
+
+class ImageFile:
+    """One image file (or block device) opened read-only, with bounds-checked reads."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            raise UsageError(f"{self.path}: no such image file") from exc
+        except IsADirectoryError as exc:
+            raise UsageError(f"{self.path}: is a directory, not an image file") from exc
+        except OSError as exc:
+            raise UsageError(f"{self.path}: cannot open: {exc.strerror}") from exc
+        st = os.fstat(self.fd)
+        if stat.S_ISREG(st.st_mode):
+            self.size = st.st_size
+        elif stat.S_ISBLK(st.st_mode):
+            buf = bytearray(8)
+            fcntl.ioctl(self.fd, _BLKGETSIZE64, buf, True)
+            self.size = struct.unpack("=Q", buf)[0]
+        else:
+            os.close(self.fd)
+            raise UsageError(f"{self.path}: not a regular file or block device")
+        self.is_block_device = stat.S_ISBLK(st.st_mode)
+
+    def read(self, offset: int, length: int, what: str) -> bytes:
+        """``length`` bytes at ``offset``; ``what`` names the structure for errors."""
+        if offset < 0 or length < 0 or length > MAX_STRUCTURE_READ:
+            raise CorruptImageError(
+                f"{self.path}: {what} at {offset:#x} has an impossible length {length}"
+            )
+        if offset + length > self.size:
+            raise CorruptImageError(
+                f"{self.path}: {what} at {offset:#x} (+{length:#x}) lies past end of file "
+                f"(size {self.size:#x})"
+            )
+        data = os.pread(self.fd, length, offset)
+        if len(data) != length:
+            raise CorruptImageError(
+                f"{self.path}: short read of {what} at {offset:#x}: {len(data)} of {length} bytes"
+            )
+        return data
+
+    def read_array(self, offset: int, count: int, dtype: str, what: str) -> npt.NDArray[Any]:
+        """``count`` items of numpy ``dtype`` (e.g. ``'>u8'``) at ``offset``."""
+        itemsize = np.dtype(dtype).itemsize
+        return np.frombuffer(self.read(offset, count * itemsize, what), dtype=dtype)
+
+    def allocated_bytes(self) -> int:
+        """Bytes the host filesystem has allocated for the file (``st_blocks``)."""
+        if self.is_block_device:
+            return self.size
+        return os.fstat(self.fd).st_blocks * 512
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> ImageFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+#: How a format driver asks the core to open another image (a backing file) with
+#: format detection and the same safety rules; drivers never load drivers themselves.
+ImageOpener = Callable[[Path, str], "Image"]
+
+
+@dataclass(frozen=True)
+class FormatCapabilities:
+    """What a format driver can do beyond mapping; checked by the core, never probed."""
+
+    #: The format can chain to a backing/parent image.
+    backing_files: bool = False
+    #: ``image reclaim --deep``: the driver can also release whole clusters in the
+    #: image's own metadata (offline only) so the hypervisor reuses them.
+    deep_reclaim: bool = False
+
+
+class Image(ABC):
+    """A parsed, read-only view of one image file."""
+
+    def __init__(self, file: ImageFile, format_name: str) -> None:
+        self.file = file
+        self.format_name = format_name
+        #: The opened backing image, if any; drivers set it in their constructor.
+        self.backing: Image | None = None
+        #: The capabilities of the driver that opened it (set by the core's opener).
+        self.capabilities = FormatCapabilities()
+
+    # -- what every driver must answer ---------------------------------------------------
+
+    @property
+    @abstractmethod
+    def virtual_size(self) -> int:
+        """Size of the virtual disk in bytes, as the hypervisor sees it."""
+
+    @property
+    @abstractmethod
+    def cluster_size(self) -> int:
+        """Allocation unit of the format in bytes (raw: the host filesystem block)."""
+
+    @abstractmethod
+    def map(self, window: ByteRange) -> ExtentMap:
+        """The extents covering ``window`` (inside the disk) in order, without gaps.
+
+        Host offsets refer to :attr:`data_file`. Only ``DATA`` extents may be punched;
+        the driver decides that conservatively: when in doubt, not ``DATA``.
+        """
+
+    @abstractmethod
+    def metadata_ranges(self) -> RangeSet:
+        """Host byte ranges of :attr:`data_file` that hold the format's own structures."""
+
+    # -- optional, with safe defaults ------------------------------------------------
+
+    @property
+    def data_file(self) -> ImageFile:
+        """The file holding guest data (an external qcow2 data file, else the image)."""
+        return self.file
+
+    def check_punchable(self) -> None:
+        """Raise an :class:`~vmreclaim.core.errors.ImageError` if punching is unsafe now."""
+
+    def backing_chain(self) -> list[str]:
+        """Paths of the backing images, nearest first."""
+        chain: list[str] = []
+        image = self.backing
+        while image is not None:
+            chain.append(str(image.file.path))
+            image = image.backing
+        return chain
+
+    def allocated_bytes(self) -> int:
+        """Host bytes allocated to this image (its data file included), not its backing."""
+        total = self.file.allocated_bytes()
+        if self.data_file is not self.file:
+            total += self.data_file.allocated_bytes()
+        return total
+
+    def info(self) -> dict[str, Any]:
+        """The ``image info`` document; drivers may add keys of their own."""
+        return {
+            "format": self.format_name,
+            "virtual_size": self.virtual_size,
+            "cluster_size": self.cluster_size,
+            "allocated_bytes": self.allocated_bytes(),
+            "backing": self.backing_chain(),
+        }
+
+    def deep_discard(self, guest_ranges: RangeSet) -> None:
+        """Release whole clusters in the image's metadata (capability ``deep_reclaim``)."""
+        raise UnsupportedImageError(f"{self.format_name} images have no deep reclaim mode")
+
+    def read_compressed(self, start: int, length: int) -> bytes:
+        """Guest bytes of a ``COMPRESSED`` extent; formats with compression override."""
+        raise UnsupportedImageError(
+            f"{self.file.path}: reading compressed {self.format_name} data is not supported"
+        )
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Guest bytes ``[offset, offset + length)`` as the virtual disk shows them.
+
+        Used by offline readers (filesystem plugins); backing files are read, never
+        written.
+        """
+        window = ByteRange(offset, length)
+        if window.end > self.virtual_size:
+            raise UsageError(
+                f"read of {window} lies outside the {self.virtual_size}-byte virtual disk"
+            )
+        out = bytearray(length)
+        for ext in self.map(window):
+            lo = ext.start - offset
+            if ext.kind in (ExtentKind.DATA, ExtentKind.SHARED) and ext.offset is not None:
+                out[lo : lo + ext.length] = self.data_file.read(ext.offset, ext.length, "data")
+            elif ext.kind is ExtentKind.COMPRESSED:
+                out[lo : lo + ext.length] = self.read_compressed(ext.start, ext.length)
+            elif ext.kind is ExtentKind.UNALLOCATED and self.backing is not None:
+                inside = max(0, min(ext.length, self.backing.virtual_size - ext.start))
+                if inside:
+                    out[lo : lo + inside] = self.backing.read(ext.start, inside)
+        return bytes(out)
+
+    def close(self) -> None:
+        if self.backing is not None:
+            self.backing.close()
+        if self.data_file is not self.file:
+            self.data_file.close()
+        self.file.close()
+
+    def __enter__(self) -> Image:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ImageFormat(Driver):
+    """Base class of format drivers (entry-point group ``vmreclaim.formats``)."""
+
+    kind = "formats"
+    capabilities: ClassVar[FormatCapabilities] = FormatCapabilities()
+
+    @abstractmethod
+    def probe(self, file: ImageFile) -> int:
+        """How sure the driver is that ``file`` is in its format.
+
+        0 means "not mine"; a magic number that matches is worth 100. Format ``auto``
+        picks the highest answer, so a catch-all such as raw answers 1.
+        """
+
+    @abstractmethod
+    def open(self, file: ImageFile, opener: ImageOpener) -> Image:
+        """Parse ``file`` into an :class:`Image`, validating every structure it reads.
+
+        ``opener(path, format)`` opens a backing image through the core. Raise
+        :class:`CorruptImageError` or :class:`UnsupportedImageError` with a message that
+        names the structure and offset when the file cannot be handled.
+        """

@@ -1,0 +1,120 @@
+"""The pipeline: runs each stage's own work and the hooks around it.
+
+The stages and their order are documented once, in :mod:`vmreclaim.core.hookspecs`.
+This object is what the agent, the host daemon and the offline commands call; it
+applies the safety rules of DESIGN.md section 4 that are the same for every driver:
+filters only narrow, a format's state is checked before translating, and an offline
+punch holds QEMU's write locks so a busy image is refused (exit 3) before any write.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import AbstractContextManager, nullcontext
+
+from vmreclaim.core.errors import UnsupportedImageError
+from vmreclaim.core.formats import Image
+from vmreclaim.core.locks import hold_for_writing
+from vmreclaim.core.model import Disk
+from vmreclaim.core.plugins import Plugins
+from vmreclaim.core.policies import Decision, DiskState, Policy, StorageState
+from vmreclaim.core.punch import host_block_size
+from vmreclaim.core.ranges import RangeSet
+from vmreclaim.core.reclaim import ReclaimPlan, ReclaimReport, plan_reclaim
+
+
+class Pipeline:
+    """Stages 1–5 of vmreclaim, with the hook plugins of this process."""
+
+    def __init__(self, plugins: Plugins | None = None) -> None:
+        self.plugins = plugins if plugins is not None else Plugins()
+
+    # -- guest side ------------------------------------------------------------------------
+
+    def captured(self, mount: str, device: str, ranges: RangeSet) -> RangeSet:
+        """Stage 1: candidates from a capture driver, narrowed by capture filters."""
+        return self.plugins.capture_filter(mount=mount, device=device, ranges=ranges)
+
+    def verified(self, mount: str, device: str, ranges: RangeSet) -> RangeSet:
+        """Stage 2: ranges the agent's own check found free, narrowed by verify hooks."""
+        return self.plugins.verify_filter(mount=mount, device=device, ranges=ranges)
+
+    # -- host side -------------------------------------------------------------------------
+
+    def decide(
+        self, disk: Disk, policy: Policy, state: DiskState, storage: StorageState, now: float
+    ) -> Decision:
+        """Stage 3: the policy's decision, which a plugin may postpone."""
+        decision = policy.decide(state, storage, now)
+        if decision.reclaim:
+            veto = self.plugins.decide_veto(
+                disk=disk, pending_bytes=state.pending_bytes, decision=decision
+            )
+            if veto is not None:
+                return Decision(False, f"postponed by a plugin: {veto}")
+        return decision
+
+    def translate(self, disk: Disk, image: Image, ranges: RangeSet, fd: int | None = None) -> ReclaimPlan:
+        """Stage 4: guest ranges → safe, block-aligned host ranges of the data file."""
+        image.check_punchable()
+        block = host_block_size(fd if fd is not None else image.data_file.fd)
+        plan = plan_reclaim(image, ranges, block)
+        return self.plugins.translate_filter(disk=disk, image=image, plan=plan)
+
+    def reclaim(
+        self,
+        disk: Disk,
+        image: Image,
+        ranges: RangeSet,
+        *,
+        dry_run: bool = False,
+        deep: bool = False,
+        fd: int | None = None,
+    ) -> ReclaimReport:
+        """Stages 4 and 5: translate ``ranges`` and punch them.
+
+        Without ``fd`` this is an offline reclaim: the data file is opened for writing
+        under QEMU's lock protocol and a busy image raises
+        :class:`~vmreclaim.core.errors.ImageBusyError` before anything is written. A
+        caller that passes ``fd`` (the host daemon, inside a fence) has established
+        the safety of a live punch itself.
+        """
+        if deep and not image.capabilities.deep_reclaim:
+            raise UnsupportedImageError(
+                f"{image.file.path}: {image.format_name} images have no deep reclaim mode"
+            )
+        mode = "deep" if deep else "punch"
+        holder: AbstractContextManager[int] = (
+            nullcontext(fd) if fd is not None else hold_for_writing(image.data_file.path)
+        )
+        with holder as write_fd:
+            plan = self.translate(disk, image, ranges, write_fd)
+            if dry_run:
+                report = ReclaimReport(
+                    requested_bytes=plan.requested_bytes,
+                    punched_bytes=plan.punch_bytes,
+                    freed_bytes=0,
+                    skipped=plan.skipped,
+                    dry_run=True,
+                    mode=mode,
+                )
+                self.plugins.reclaim_done(disk=disk, report=report)
+                return report
+            result = self.plugins.reclaim_punch(disk=disk, image=image, fd=write_fd, plan=plan)
+            os.fsync(write_fd)
+        freed = result.freed_bytes
+        if deep:
+            # After our locks are gone: the driver goes through QEMU's own tools, which
+            # take QEMU's locks themselves and refuse if a VM started meanwhile.
+            before = image.allocated_bytes()
+            image.deep_discard(ranges)
+            freed += before - image.allocated_bytes()
+        report = ReclaimReport(
+            requested_bytes=plan.requested_bytes,
+            punched_bytes=result.punched_bytes,
+            freed_bytes=freed,
+            skipped=plan.skipped,
+            mode=mode,
+        )
+        self.plugins.reclaim_done(disk=disk, report=report)
+        return report

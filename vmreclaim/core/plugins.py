@@ -1,0 +1,97 @@
+"""The plugin manager: one typed method per hook, so callers never spell hook names.
+
+``Plugins`` wraps a pluggy ``PluginManager`` (the model is tox 4's ``manager.py``):
+it loads the hook specs, the core's own implementations and every plugin registered in
+the entry-point group ``vmreclaim.hooks``, then runs ``check_pending()`` so a misspelt
+hook implementation fails at start, not silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import pluggy
+
+from vmreclaim.core import hookspecs
+from vmreclaim.core.formats import Image
+from vmreclaim.core.hookspecs import HOOKS_GROUP, PROJECT, hookimpl
+from vmreclaim.core.model import DeletionRecord, Disk, VMIdentity
+from vmreclaim.core.policies import Decision
+from vmreclaim.core.punch import PunchResult, punch_holes
+from vmreclaim.core.ranges import RangeSet
+from vmreclaim.core.reclaim import ReclaimPlan, ReclaimReport
+
+
+class _CorePunch:
+    """The core's implementation of the punch hook; plugins wrap or replace it."""
+
+    @hookimpl(trylast=True)
+    def vmreclaim_reclaim_punch(self, image: Image, fd: int, plan: ReclaimPlan) -> PunchResult:
+        return punch_holes(fd, plan.punch, path=str(image.data_file.path))
+
+
+class Plugins:
+    """The hook plugins of one process (agent, host daemon or CLI command)."""
+
+    def __init__(self, plugins: Iterable[object] = (), *, load_entry_points: bool = True) -> None:
+        self.manager = pluggy.PluginManager(PROJECT)
+        self.manager.add_hookspecs(hookspecs)
+        self.manager.register(_CorePunch(), name="vmreclaim.core.punch")
+        if load_entry_points:
+            self.manager.load_setuptools_entrypoints(HOOKS_GROUP)
+        for plugin in plugins:
+            self.manager.register(plugin)
+        self.manager.check_pending()
+
+    def register(self, plugin: object, name: str | None = None) -> None:
+        self.manager.register(plugin, name=name)
+        self.manager.check_pending()
+
+    @property
+    def _hook(self) -> Any:
+        return self.manager.hook
+
+    # -- one method per hook, in pipeline order ------------------------------------------
+
+    def capture_filter(self, *, mount: str, device: str, ranges: RangeSet) -> RangeSet:
+        answers = self._hook.vmreclaim_capture_filter(mount=mount, device=device, ranges=ranges)
+        return _narrow(ranges, answers)
+
+    def verify_filter(self, *, mount: str, device: str, ranges: RangeSet) -> RangeSet:
+        answers = self._hook.vmreclaim_verify_filter(mount=mount, device=device, ranges=ranges)
+        return _narrow(ranges, answers)
+
+    def record_received(self, *, vm: VMIdentity, record: DeletionRecord) -> None:
+        self._hook.vmreclaim_record_received(vm=vm, record=record)
+
+    def record_rejected(self, *, vm: VMIdentity, reason: str) -> None:
+        self._hook.vmreclaim_record_rejected(vm=vm, reason=reason)
+
+    def decide_veto(self, *, disk: Disk, pending_bytes: int, decision: Decision) -> str | None:
+        veto: str | None = self._hook.vmreclaim_decide_veto(
+            disk=disk, pending_bytes=pending_bytes, decision=decision
+        )
+        return veto
+
+    def translate_filter(self, *, disk: Disk, image: Image, plan: ReclaimPlan) -> ReclaimPlan:
+        answers = self._hook.vmreclaim_translate_filter(disk=disk, image=image, plan=plan)
+        keep = _narrow(plan.punch, answers)
+        return plan if keep == plan.punch else plan.narrowed(keep, "vetoed by a plugin")
+
+    def reclaim_punch(self, *, disk: Disk, image: Image, fd: int, plan: ReclaimPlan) -> PunchResult:
+        result: PunchResult = self._hook.vmreclaim_reclaim_punch(
+            disk=disk, image=image, fd=fd, plan=plan
+        )
+        return result
+
+    def reclaim_done(self, *, disk: Disk, report: ReclaimReport) -> None:
+        self._hook.vmreclaim_reclaim_done(disk=disk, report=report)
+
+
+def _narrow(ranges: RangeSet, answers: list[RangeSet | None]) -> RangeSet:
+    """Intersect ``ranges`` with every non-``None`` answer: filters can only narrow."""
+    for answer in answers:
+        if answer is not None:
+            ranges = ranges.intersect(answer)
+    return ranges

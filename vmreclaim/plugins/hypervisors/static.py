@@ -1,0 +1,101 @@
+"""Hypervisor ``static``: VMs, disks and channels listed in the host's YAML.
+
+Running state is not known from a list, so a VM is treated as running whenever any
+process holds QEMU's write lock on one of its images (see :mod:`vmreclaim.core.locks`)
+— the conservative answer: a running VM is only ever punched inside a fence.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from vmreclaim.core.config import StrictModel, TransportConfig
+from vmreclaim.core.driver import DriverOptions
+from vmreclaim.core.hypervisors import ChannelSpec, Hypervisor, VMInfo
+from vmreclaim.core.locks import busy_reason
+from vmreclaim.core.model import Disk, VMIdentity
+
+
+class StaticDisk(StrictModel):
+    id: str = Field(min_length=1, max_length=256)
+    path: Path
+    format: str = "auto"
+    discard: bool = Field(default=False, description="the hypervisor passes guest discards")
+    serial: str | None = None
+
+
+class StaticVM(StrictModel):
+    name: str = Field(min_length=1, max_length=256)
+    uuid: str | None = None
+    disks: list[StaticDisk] = Field(min_length=1)
+    channel: TransportConfig
+
+    @field_validator("disks")
+    @classmethod
+    def _unique_disk_ids(cls, disks: list[StaticDisk]) -> list[StaticDisk]:
+        ids = [d.id for d in disks]
+        dup = {i for i in ids if ids.count(i) > 1}
+        if dup:
+            raise ValueError(f"disk ids must be unique within a VM; repeated: {', '.join(sorted(dup))}")
+        return disks
+
+
+class StaticOptions(DriverOptions):
+    vms: list[StaticVM] = Field(min_length=1)
+
+    @field_validator("vms")
+    @classmethod
+    def _unique_names(cls, vms: list[StaticVM]) -> list[StaticVM]:
+        names = [v.name for v in vms]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"VM names must be unique; repeated: {', '.join(sorted(dup))}")
+        return vms
+
+
+class StaticHypervisor(Hypervisor):
+    """VMs from the configuration file."""
+
+    Options = StaticOptions
+    options: StaticOptions
+
+    def _info(self, vm: StaticVM) -> VMInfo:
+        disks = tuple(
+            Disk(
+                vm=vm.name,
+                id=d.id,
+                path=d.path,
+                format=d.format,
+                passes_discards=d.discard,
+                serial=d.serial,
+            )
+            for d in vm.disks
+        )
+        return VMInfo(
+            identity=VMIdentity(vm.name, vm.uuid),
+            running=any(_in_use(d.path) for d in disks),
+            disks=disks,
+            channel=ChannelSpec(vm.channel.driver, vm.channel.options),
+        )
+
+    def vms(self) -> list[VMInfo]:
+        return [self._info(vm) for vm in self.options.vms]
+
+    def refresh(self, vm: VMIdentity) -> VMInfo | None:
+        found = next((v for v in self.options.vms if v.name == vm.name), None)
+        return self._info(found) if found is not None else None
+
+
+def _in_use(path: Path) -> bool:
+    """True when another process holds a QEMU lock that forbids an offline writer."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return busy_reason(fd) is not None
+    finally:
+        os.close(fd)
