@@ -211,6 +211,46 @@ def _read_ranges_file(path: Path) -> list[tuple[int, int]]:
     return pairs
 
 
+def cmd_image_sparsify(args: argparse.Namespace) -> int:
+    # Owned by the sparsify work (issue 5): vmreclaim.core.sparsify.sparsify_image.
+    from vmreclaim.core.sparsify import sparsify_image
+
+    report = sparsify_image(args.image, args.format, dry_run=args.dry_run, progress=not args.json)
+    if args.json:
+        _emit_json(report.to_json())
+        return 0
+    report.print_human(_console())
+    return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    # Owned by the agent work (issue 6): vmreclaim.agent.main.run_agent.
+    from vmreclaim.agent.main import run_agent
+    from vmreclaim.core.config import AgentConfig
+
+    return run_agent(load_config(args.config, AgentConfig))
+
+
+def cmd_host(args: argparse.Namespace) -> int:
+    # Owned by the host daemon work (issue 7): vmreclaim.host.daemon.run_host.
+    from vmreclaim.core.config import HostConfig
+    from vmreclaim.host.daemon import run_host
+
+    return run_host(load_config(args.config, HostConfig))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    # Owned by the host daemon work (issue 7): vmreclaim.host.status.
+    from vmreclaim.host.status import print_status, query_status, status_socket_path
+
+    doc = query_status(status_socket_path(args.config))
+    if args.json:
+        _emit_json(doc)
+        return 0
+    print_status(doc, _console())
+    return 0
+
+
 # -- parser ------------------------------------------------------------------------------------
 
 
@@ -265,6 +305,21 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--ranges-file", type=Path, metavar="F")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--deep", action="store_true", help="also release clusters in the image's metadata (qcow2, offline)")
+    p = image_parser("sparsify", "punch every free block of the guest filesystems (offline)", cmd_image_sparsify)
+    p.add_argument("--dry-run", action="store_true")
+
+    p = sub.add_parser("host", help="run the host daemon")
+    p.add_argument("--config", type=Path, required=True)
+    p.set_defaults(func=cmd_host)
+
+    p = sub.add_parser("agent", help="run the guest agent")
+    p.add_argument("--config", type=Path, required=True)
+    p.set_defaults(func=cmd_agent)
+
+    p = sub.add_parser("status", help="ask the running host daemon what it has reclaimed")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--config", type=Path, default=None, help="host config (for its status_socket)")
+    p.set_defaults(func=cmd_status)
     return parser
 
 

@@ -1,0 +1,246 @@
+"""The guest↔host wire protocol: versioned JSON lines (docs/protocol.md).
+
+Both ends validate every line they receive with these models; a line that does not
+validate is a :class:`~vmreclaim.core.errors.ProtocolError` naming the problem, answered
+with an ``error`` message and never acted on. Lines are bounded by
+:data:`~vmreclaim.core.transports.MAX_LINE_BYTES`.
+
+The agent and the host never import each other; this module is what they share.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from vmreclaim.core.errors import ProtocolError
+from vmreclaim.core.model import MAX_RANGES_PER_RECORD
+from vmreclaim.core.ranges import MAX_OFFSET, RangeSet
+from vmreclaim.core.transports import MAX_LINE_BYTES
+
+#: The protocol version this code speaks; ``hello`` and ``welcome`` carry it.
+PROTOCOL_VERSION = 1
+
+RangePairs = list[tuple[int, int]]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_pairs(pairs: RangePairs) -> RangePairs:
+    if len(pairs) > MAX_RANGES_PER_RECORD:
+        raise ValueError(f"{len(pairs)} ranges, more than the limit {MAX_RANGES_PER_RECORD}")
+    for i, (start, length) in enumerate(pairs):
+        if start < 0 or length <= 0 or start + length > MAX_OFFSET:
+            raise ValueError(f"range #{i} [{start}, {length}] is empty, negative or overflows")
+    return pairs
+
+
+def pairs_to_ranges(pairs: RangePairs) -> RangeSet:
+    return RangeSet.from_ranges(pairs)
+
+
+def ranges_to_pairs(ranges: RangeSet) -> RangePairs:
+    return [(s, n) for s, n in ranges.to_pairs()]
+
+
+# -- agent → host ---------------------------------------------------------------------------
+
+
+class HelloDisk(_Message):
+    """One virtual disk the agent reports on, with what it knows of its filesystems."""
+
+    id: str = Field(min_length=1, max_length=256)
+    mounts: list[str] = Field(default_factory=list, max_length=64)
+    fs: str = Field(default="", max_length=64)
+    #: The guest block device says it can discard (``discard_max_bytes > 0``).
+    discard: bool = False
+
+
+class Hello(_Message):
+    """First line from the agent after connecting."""
+
+    type: Literal["hello"] = "hello"
+    v: int
+    agent: str = Field(max_length=128)
+    #: What this agent can do: ``"fence"`` (FIFREEZE + re-verify), ``"trim"`` (FITRIM).
+    capabilities: list[str] = Field(default_factory=list, max_length=32)
+    disks: list[HelloDisk] = Field(default_factory=list, max_length=256)
+
+
+class RecordMessage(_Message):
+    """One deletion record; the host answers ``ack`` once it is durable, or ``nack``."""
+
+    type: Literal["record"] = "record"
+    #: The record document of DESIGN.md section 5 (validated by ``DeletionRecord.from_json``
+    #: on the host, which also replaces its ``vm`` with the channel's VM).
+    record: dict[str, Any]
+
+
+class FenceReady(_Message):
+    """The filesystems on the disk are frozen; ``ranges`` are still free under the freeze."""
+
+    type: Literal["fence_ready"] = "fence_ready"
+    fence: int = Field(ge=0)
+    disk: str
+    ranges: RangePairs
+    #: How long the agent keeps the freeze, counted from when it received ``fence``.
+    lease_ms: int = Field(ge=0)
+
+    _v = field_validator("ranges")(_check_pairs)
+
+
+class FenceRefused(_Message):
+    """The agent could not (or would not) fence; nothing is frozen."""
+
+    type: Literal["fence_refused"] = "fence_refused"
+    fence: int = Field(ge=0)
+    error: str = Field(max_length=1024)
+
+
+class Released(_Message):
+    """The fence is over: filesystems thawed (also sent when the lease ran out)."""
+
+    type: Literal["released"] = "released"
+    fence: int = Field(ge=0)
+    #: ``"release"`` (the host asked), ``"lease"`` (the lease ran out), ``"error"``.
+    why: str = Field(default="release", max_length=64)
+
+
+class TrimDone(_Message):
+    """Guest-trim mode: the agent ran FITRIM on the asked ranges."""
+
+    type: Literal["trim_done"] = "trim_done"
+    fence: int = Field(ge=0)
+    trimmed_bytes: int = Field(ge=0)
+
+
+class Pong(_Message):
+    type: Literal["pong"] = "pong"
+    nonce: int = 0
+
+
+# -- host → agent ---------------------------------------------------------------------------
+
+
+class WelcomeDisk(_Message):
+    id: str
+    size: int = Field(ge=0)
+    #: ``"fence"``: the host punches inside a fence; ``"trim"``: the agent runs FITRIM.
+    mode: Literal["fence", "trim"] = "fence"
+
+
+class Welcome(_Message):
+    """The host's answer to ``hello``: which VM it takes the agent for, and its disks."""
+
+    type: Literal["welcome"] = "welcome"
+    v: int
+    vm: str
+    disks: list[WelcomeDisk] = Field(default_factory=list)
+
+
+class Ack(_Message):
+    """The record with this ``seq`` is durable in the deletion database."""
+
+    type: Literal["ack"] = "ack"
+    seq: int = Field(ge=0)
+
+
+class Nack(_Message):
+    """The record with this ``seq`` was refused; the agent drops it (it would never pass)."""
+
+    type: Literal["nack"] = "nack"
+    seq: int = Field(ge=0)
+    error: str = Field(max_length=1024)
+
+
+class Fence(_Message):
+    """Freeze the filesystems on ``disk``, re-verify ``ranges`` (virtual-disk bytes), answer
+    ``fence_ready`` with the subset still free, and thaw on ``release`` or after the lease."""
+
+    type: Literal["fence"] = "fence"
+    fence: int = Field(ge=0)
+    disk: str
+    ranges: RangePairs
+    lease_ms: int = Field(ge=1, le=60_000)
+
+    _v = field_validator("ranges")(_check_pairs)
+
+
+class Release(_Message):
+    type: Literal["release"] = "release"
+    fence: int = Field(ge=0)
+
+
+class Trim(_Message):
+    """Guest-trim mode: run FITRIM on exactly ``ranges`` (virtual-disk bytes) of ``disk``."""
+
+    type: Literal["trim"] = "trim"
+    fence: int = Field(ge=0)
+    disk: str
+    ranges: RangePairs
+
+    _v = field_validator("ranges")(_check_pairs)
+
+
+class Ping(_Message):
+    type: Literal["ping"] = "ping"
+    nonce: int = 0
+
+
+# -- both directions ------------------------------------------------------------------------
+
+
+class Error(_Message):
+    """The peer's last line was refused; ``ref`` echoes its type or id when known."""
+
+    type: Literal["error"] = "error"
+    error: str = Field(max_length=4096)
+    ref: str | None = Field(default=None, max_length=256)
+
+
+AgentMessage = Annotated[
+    Hello | RecordMessage | FenceReady | FenceRefused | Released | TrimDone | Pong | Error,
+    Field(discriminator="type"),
+]
+HostMessage = Annotated[
+    Welcome | Ack | Nack | Fence | Release | Trim | Ping | Error, Field(discriminator="type")
+]
+
+_AGENT = TypeAdapter(AgentMessage)
+_HOST = TypeAdapter(HostMessage)
+
+
+def encode(message: _Message) -> bytes:
+    """One JSON line."""
+    return message.model_dump_json().encode() + b"\n"
+
+
+def _decode(line: bytes, adapter: TypeAdapter[Any], sender: str) -> Any:
+    if len(line) > MAX_LINE_BYTES:
+        raise ProtocolError(f"{sender} line of {len(line)} bytes exceeds {MAX_LINE_BYTES}")
+    try:
+        doc = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"{sender} line is not JSON: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("type"), str):
+        raise ProtocolError(f"{sender} line is not a JSON object with a 'type'")
+    try:
+        return adapter.validate_python(doc)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ProtocolError(f"{sender} {doc['type']!r} message: {where}: {first['msg']}") from None
+
+
+def decode_from_agent(line: bytes) -> Any:
+    """Validate a line the host received from an agent."""
+    return _decode(line, _AGENT, "agent")
+
+
+def decode_from_host(line: bytes) -> Any:
+    """Validate a line the agent received from the host."""
+    return _decode(line, _HOST, "host")
