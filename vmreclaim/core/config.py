@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError
 
 from vmreclaim.core import loader
 from vmreclaim.core.driver import DriverOptions
@@ -153,11 +153,30 @@ def validate(data: Any, lines: dict[Loc, int], path: Path, model: type[M]) -> M:
     try:
         config = model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError([_problem(path, lines, (), err) for err in exc.errors()]) from None
+        problems = [_problem(path, lines, (), err) for err in exc.errors()]
+        problems += _problems_in_valid_fields(data, lines, path, model)
+        raise ConfigError(sorted(set(problems), key=problems.index)) from None
     problems = list(resolve_drivers(config, (), path, lines))
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def _problems_in_valid_fields(data: Any, lines: dict[Loc, int], path: Path, model: type[BaseModel]) -> list[str]:
+    """Driver problems inside the top-level fields that did validate, so that a file
+    with one bad top-level key still gets every other problem reported at once."""
+    if not isinstance(data, dict):
+        return []
+    found: list[str] = []
+    for name, field in model.model_fields.items():
+        if name not in data:
+            continue
+        try:
+            value = TypeAdapter(field.annotation).validate_python(data[name])
+        except ValidationError:
+            continue  # already reported by the whole-model validation
+        found += resolve_drivers(value, (name,), path, lines)
+    return found
 
 
 def resolve_drivers(node: Any, loc: Loc, path: Path, lines: dict[Loc, int]) -> Iterator[str]:

@@ -1,0 +1,5 @@
+"""``python -m vmreclaim``: the same as the ``vmreclaim`` console script."""
+
+from vmreclaim.cli import run
+
+run()
