@@ -1,0 +1,32 @@
+#!/bin/sh
+# Set up a fresh Debian 12 machine to run and test vmreclaim: system packages with
+# apt-get (QEMU tools, e2fsprogs, xfsprogs, FUSE, libvirt, a kernel for guest tests),
+# then the project itself with its test and development extras.
+#
+#   scripts/setup.sh            everything the test suite needs
+#   scripts/setup.sh --bench    also the reference tools the benchmarks compare against
+set -eu
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+PACKAGES="
+  qemu-utils qemu-system-x86 qemu-block-extra
+  e2fsprogs xfsprogs btrfs-progs dosfstools fdisk util-linux kmod
+  fuse3 busybox-static cpio linux-image-amd64
+  libvirt-daemon-system libvirt-dev pkg-config gcc python3-dev
+"
+if [ "${1:-}" = "--bench" ]; then
+  PACKAGES="$PACKAGES libguestfs-tools hyperfine"
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -q
+# shellcheck disable=SC2086
+$SUDO apt-get install -y -q --no-install-recommends $PACKAGES
+
+PYTHON="${PYTHON:-python3}"
+"$PYTHON" -m pip install -q --upgrade pip
+"$PYTHON" -m pip install -q -e '.[test,dev]'
+echo "vmreclaim set up: $("$PYTHON" -m vmreclaim --version)"
