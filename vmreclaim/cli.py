@@ -89,9 +89,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             }
         )
         return 0
-    rows = [
-        (d.kind, d.name, f"{d.distribution} {d.version}", d.target, d.error or "ok") for d in drivers
-    ]
+    rows = [(d.kind, d.name, f"{d.distribution} {d.version}", d.target, d.error or "ok") for d in drivers]
     _table("vmreclaim drivers", ("kind", "name", "package", "target", "status"), rows)
     return 0
 
@@ -207,7 +205,12 @@ def _read_ranges_file(path: Path) -> list[tuple[int, int]]:
         parts = line.replace(":", " ").split()
         if len(parts) != 2:
             raise RangeError(f"{path}:{lineno}: expected START:LENGTH, got {line!r}")
-        pairs.append((_parse_int(parts[0], f"{path}:{lineno}: start"), _parse_int(parts[1], f"{path}:{lineno}: length")))
+        pairs.append(
+            (
+                _parse_int(parts[0], f"{path}:{lineno}: start"),
+                _parse_int(parts[1], f"{path}:{lineno}: length"),
+            )
+        )
     return pairs
 
 
@@ -304,8 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--range", action="append", metavar="START:LENGTH", default=[])
     group.add_argument("--ranges-file", type=Path, metavar="F")
     p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--deep", action="store_true", help="also release clusters in the image's metadata (qcow2, offline)")
-    p = image_parser("sparsify", "punch every free block of the guest filesystems (offline)", cmd_image_sparsify)
+    p.add_argument(
+        "--deep", action="store_true", help="also release clusters in the image's metadata (qcow2, offline)"
+    )
+    p = image_parser(
+        "sparsify", "punch every free block of the guest filesystems (offline)", cmd_image_sparsify
+    )
     p.add_argument("--dry-run", action="store_true")
 
     p = sub.add_parser("host", help="run the host daemon")

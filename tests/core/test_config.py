@@ -49,9 +49,12 @@ def test_design_host_example_is_valid_and_drivers_resolved(tmp_path: Path) -> No
 
 
 def test_unknown_keys_anywhere_are_errors_with_lines(tmp_path: Path) -> None:
-    text = HOST.replace("{driver: threshold}", "{driver: threshold, slop: 2}").replace(
-        "path: /run/vmreclaim/vm1.sock", "paht: /run/vmreclaim/vm1.sock"
-    ) + "colour: blue\n"
+    text = (
+        HOST.replace("{driver: threshold}", "{driver: threshold, slop: 2}").replace(
+            "path: /run/vmreclaim/vm1.sock", "paht: /run/vmreclaim/vm1.sock"
+        )
+        + "colour: blue\n"
+    )
     path = write(tmp_path, text)
     found = problems(path)
     assert f"{path}:7: hypervisor.vms.0.channel.paht: unknown key" in found

@@ -30,8 +30,13 @@ MIB = 1 << 20
 
 def test_builtins_are_registered_as_entry_points() -> None:
     names = {(d.kind, d.name) for kind in loader.KINDS for d in loader.installed(kind)}
-    assert {("formats", "raw"), ("policies", "threshold"), ("policies", "always"),
-            ("hypervisors", "static"), ("transports", "unix")} <= names
+    assert {
+        ("formats", "raw"),
+        ("policies", "threshold"),
+        ("policies", "always"),
+        ("hypervisors", "static"),
+        ("transports", "unix"),
+    } <= names
     for kind in loader.KINDS:
         for d in loader.installed(kind):
             if d.distribution == "vmreclaim":
@@ -141,8 +146,17 @@ def test_every_hook_is_called_and_filters_only_narrow(tmp_path: Path) -> None:
     assert report.punched_bytes == MIB  # the translate filter kept only the first MiB
     assert any(s.reason == "vetoed by a plugin" and s.start == MIB for s in report.skipped)
     assert os.stat(img).st_blocks * 512 == 3 * MIB
-    expected = {"capture_filter", "verify_filter", "record_received", "record_rejected", "decide_veto",
-                "translate_filter", "reclaim_punch:before", "reclaim_punch:after", "reclaim_done"}
+    expected = {
+        "capture_filter",
+        "verify_filter",
+        "record_received",
+        "record_rejected",
+        "decide_veto",
+        "translate_filter",
+        "reclaim_punch:before",
+        "reclaim_punch:after",
+        "reclaim_done",
+    }
     assert expected == set(recorder.calls)
     hooks_seen = {c.split(":")[0] for c in recorder.calls}
     assert {f"vmreclaim_{h}" for h in hooks_seen} == set(SPECS)
@@ -178,18 +192,36 @@ def test_misspelt_hook_fails_at_start() -> None:
 def plugin_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A venv that sees this vmreclaim and has the example plugin pip-installed."""
     venv = tmp_path_factory.mktemp("venv") / "env"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True
+    )
     proc = subprocess.run(
-        [venv / "bin" / "python", "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q", str(EXAMPLE)],
-        capture_output=True, text=True, check=False,
+        [
+            venv / "bin" / "python",
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            str(EXAMPLE),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     return venv
 
 
 def run_in(venv: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([venv / "bin" / "python", "-m", "vmreclaim", *args], capture_output=True, text=True,
-                          check=False, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [venv / "bin" / "python", "-m", "vmreclaim", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.mark.slow
@@ -214,8 +246,16 @@ def test_third_party_plugin_is_listed_and_loads_like_a_builtin(plugin_venv: Path
 
     img = make_raw_image(tmp_path / "d.raw", MIB, [(0, MIB)])
     audit = tmp_path / "audit.jsonl"
-    done = run_in(plugin_venv, "image", "reclaim", str(img), "--range", f"0:{MIB}", "--json",
-                  env={"VMRECLAIM_AUDIT_LOG": str(audit)})
+    done = run_in(
+        plugin_venv,
+        "image",
+        "reclaim",
+        str(img),
+        "--range",
+        f"0:{MIB}",
+        "--json",
+        env={"VMRECLAIM_AUDIT_LOG": str(audit)},
+    )
     assert done.returncode == 0, done.stderr
     (line,) = audit.read_text().splitlines()
     assert json.loads(line)["punched_bytes"] == MIB

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -25,7 +27,7 @@ def test_rangeset_is_sorted_disjoint_and_coalesced(ps: list[tuple[int, int]]) ->
     rs = RangeSet.from_ranges(ps)
     assert as_bytes(rs) == model(ps)
     items = list(rs)
-    for a, b in zip(items, items[1:], strict=False):
+    for a, b in itertools.pairwise(items):
         assert a.end < b.start  # adjacent ranges would have merged
     assert all(r.length > 0 for r in items)
     assert rs.total == len(model(ps))
@@ -86,9 +88,7 @@ def test_shift_and_pairs() -> None:
         rs.shift(-11)
 
 
-@pytest.mark.parametrize(
-    "start,length", [(-1, 10), (0, -1), (MAX_OFFSET, 1), (2**62, 2**62)]
-)
+@pytest.mark.parametrize("start,length", [(-1, 10), (0, -1), (MAX_OFFSET, 1), (2**62, 2**62)])
 def test_invalid_ranges_are_refused_with_a_message(start: int, length: int) -> None:
     with pytest.raises(RangeError, match="negative or overflows"):
         RangeSet.from_ranges([(start, length)])

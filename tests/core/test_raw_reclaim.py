@@ -38,8 +38,17 @@ def test_punch_frees_blocks_and_keeps_other_bytes(
 ) -> None:
     img = raw_image(16 * MIB, [(0, 16 * MIB)])
     before = img.read_bytes()
-    code, doc = cli(capsys, "image", "reclaim", str(img), "--range", f"{MIB}:{2 * MIB}",
-                    "--range", f"{8 * MIB + 100}:{MIB}", "--json")
+    code, doc = cli(
+        capsys,
+        "image",
+        "reclaim",
+        str(img),
+        "--range",
+        f"{MIB}:{2 * MIB}",
+        "--range",
+        f"{8 * MIB + 100}:{MIB}",
+        "--json",
+    )
     assert code == 0
     assert isinstance(doc, dict)
     after = img.read_bytes()
@@ -129,7 +138,9 @@ def test_empty_ranges_file_exits_2(raw_image: Callable[..., Path], tmp_path: Pat
     assert allocated(img) == 8 * MIB
 
 
-def test_ranges_file_forms(raw_image: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ranges_file_forms(
+    raw_image: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     img = raw_image(8 * MIB, [(0, 8 * MIB)])
     (tmp_path / "r.txt").write_text(f"0:{MIB}  # first\n{2 * MIB} {MIB}\n")
     code, doc = cli(capsys, "image", "reclaim", str(img), "--ranges-file", str(tmp_path / "r.txt"), "--json")
@@ -148,7 +159,9 @@ def test_dry_run_changes_nothing(raw_image: Callable[..., Path], capsys: pytest.
     assert img.read_bytes() == before
 
 
-def test_reclaiming_holes_is_idempotent(raw_image: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_reclaiming_holes_is_idempotent(
+    raw_image: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     img = raw_image(8 * MIB, [(0, 4 * MIB)])
     args = ["image", "reclaim", str(img), "--range", f"0:{8 * MIB}", "--json"]
     code, first = cli(capsys, *args)
@@ -161,7 +174,9 @@ def test_reclaiming_holes_is_idempotent(raw_image: Callable[..., Path], capsys: 
 
 
 @pytest.mark.qemu
-def test_busy_image_exits_3_without_writing(raw_image: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_busy_image_exits_3_without_writing(
+    raw_image: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     img = raw_image(8 * MIB, [(0, 8 * MIB)])
     before = img.read_bytes()
     with qemu_io_holding(img, "raw"):
@@ -178,7 +193,10 @@ def test_our_lock_keeps_qemu_out_while_we_write(raw_image: Callable[..., Path]) 
     img = raw_image(MIB, [(0, MIB)])
     with hold_for_writing(img):
         proc = subprocess.run(
-            ["qemu-io", "-f", "raw", "-c", "write 0 4096", str(img)], capture_output=True, text=True, check=False
+            ["qemu-io", "-f", "raw", "-c", "write 0 4096", str(img)],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         assert proc.returncode != 0 and "lock" in proc.stderr.lower()
 
@@ -190,7 +208,9 @@ def test_missing_and_unreadable_images(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["image", "info", str(tmp_path / "x"), "--format", "nosuchformat"]) == 2
 
 
-def test_unknown_format_name_lists_installed(raw_image: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_unknown_format_name_lists_installed(
+    raw_image: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     img = raw_image(MIB)
     assert main(["image", "info", str(img), "--format", "qcow3"]) == 2
     err = capsys.readouterr().err
@@ -200,15 +220,21 @@ def test_unknown_format_name_lists_installed(raw_image: Callable[..., Path], cap
 @settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     data=st.lists(st.tuples(st.integers(0, 255), st.integers(1, 16)), min_size=1, max_size=6),
-    asked=st.lists(st.tuples(st.integers(0, 256 * 4096 - 1), st.integers(1, 64 * 4096)), min_size=1, max_size=6),
+    asked=st.lists(
+        st.tuples(st.integers(0, 256 * 4096 - 1), st.integers(1, 64 * 4096)), min_size=1, max_size=6
+    ),
 )
-def test_punch_property(tmp_path_factory: pytest.TempPathFactory, data: list[tuple[int, int]],
-                        asked: list[tuple[int, int]]) -> None:
+def test_punch_property(
+    tmp_path_factory: pytest.TempPathFactory, data: list[tuple[int, int]], asked: list[tuple[int, int]]
+) -> None:
     """Whatever is asked: asked bytes read zero or are skipped with a reason, the rest is
     untouched, and every requested byte is accounted for."""
     size = 256 * 4096
-    img = make_raw_image(tmp_path_factory.mktemp("p") / "d.raw", size,
-                         [(b * 4096, min(n * 4096, size - b * 4096)) for b, n in data])
+    img = make_raw_image(
+        tmp_path_factory.mktemp("p") / "d.raw",
+        size,
+        [(b * 4096, min(n * 4096, size - b * 4096)) for b, n in data],
+    )
     before = img.read_bytes()
     ranges = RangeSet.from_ranges([(s, min(n, size - s)) for s, n in asked])
     with open_image(img) as image:
@@ -223,7 +249,9 @@ def test_punch_property(tmp_path_factory: pytest.TempPathFactory, data: list[tup
         chunk = after[r.start : r.end]
         if chunk != bytes(len(chunk)):
             # Only partial blocks may keep data.
-            skipped = RangeSet.from_ranges([(s.start, s.length) for s in report.skipped if s.reason == "partial-block"])
+            skipped = RangeSet.from_ranges(
+                [(s.start, s.length) for s in report.skipped if s.reason == "partial-block"]
+            )
             nonzero = [i for i, b in enumerate(chunk) if b]
             assert all(skipped.contains(RangeSet([r.start + i], [r.start + i + 1])) for i in nonzero[:50])
 

@@ -144,8 +144,10 @@ def detect_kind(path: str | Path) -> str:
         if "transport" in data:
             return "agent"
     raise ConfigError(
-        [f"{path}:1: (top level): neither a host config (it needs 'hypervisor') nor an "
-         "agent config (it needs 'transport')"]
+        [
+            f"{path}:1: (top level): neither a host config (it needs 'hypervisor') nor an "
+            "agent config (it needs 'transport')"
+        ]
     )
 
 
@@ -162,7 +164,9 @@ def validate(data: Any, lines: dict[Loc, int], path: Path, model: type[M]) -> M:
     return config
 
 
-def _problems_in_valid_fields(data: Any, lines: dict[Loc, int], path: Path, model: type[BaseModel]) -> list[str]:
+def _problems_in_valid_fields(
+    data: Any, lines: dict[Loc, int], path: Path, model: type[BaseModel]
+) -> list[str]:
     """Driver problems inside the top-level fields that did validate, so that a file
     with one bad top-level key still gets every other problem reported at once."""
     if not isinstance(data, dict):
@@ -172,7 +176,7 @@ def _problems_in_valid_fields(data: Any, lines: dict[Loc, int], path: Path, mode
         if name not in data:
             continue
         try:
-            value = TypeAdapter(field.annotation).validate_python(data[name])
+            value: Any = TypeAdapter(field.annotation).validate_python(data[name])
         except ValidationError:
             continue  # already reported by the whole-model validation
         found += resolve_drivers(value, (name,), path, lines)
@@ -185,7 +189,7 @@ def resolve_drivers(node: Any, loc: Loc, path: Path, lines: dict[Loc, int]) -> I
         try:
             cls = loader.driver_class(node.kind, node.driver)
         except DriverError as exc:
-            yield _format(path, lines, loc + ("driver",), str(exc))
+            yield _format(path, lines, (*loc, "driver"), str(exc))
             return
         try:
             node._options = cls.Options.model_validate(node.raw_options())
@@ -196,13 +200,13 @@ def resolve_drivers(node: Any, loc: Loc, path: Path, lines: dict[Loc, int]) -> I
         yield from resolve_drivers(node._options, loc, path, lines)
     elif isinstance(node, BaseModel):
         for name in type(node).model_fields:
-            yield from resolve_drivers(getattr(node, name), loc + (name,), path, lines)
+            yield from resolve_drivers(getattr(node, name), (*loc, name), path, lines)
     elif isinstance(node, list | tuple):
         for i, item in enumerate(node):
-            yield from resolve_drivers(item, loc + (i,), path, lines)
+            yield from resolve_drivers(item, (*loc, i), path, lines)
     elif isinstance(node, dict):
         for key, item in node.items():
-            yield from resolve_drivers(item, loc + (str(key),), path, lines)
+            yield from resolve_drivers(item, (*loc, str(key)), path, lines)
 
 
 def _problem(path: Path, lines: dict[Loc, int], prefix: Loc, err: Any) -> str:
@@ -262,11 +266,11 @@ def read_yaml(path: Path) -> tuple[Any, dict[Loc, int]]:
 def _record_lines(node: yaml.Node, loc: Loc, lines: dict[Loc, int]) -> None:
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
-            child = loc + (str(key_node.value),)
+            child = (*loc, str(key_node.value))
             lines[child] = key_node.start_mark.line + 1
             _record_lines(value_node, child, lines)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            child = loc + (i,)
+            child = (*loc, i)
             lines[child] = item.start_mark.line + 1
             _record_lines(item, child, lines)

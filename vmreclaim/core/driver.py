@@ -25,7 +25,7 @@ class NoOptions(DriverOptions):
     """The options model of a driver that takes none."""
 
 
-class Driver(ABC):
+class Driver(ABC):  # noqa: B024 (each kind's subclass adds the abstract methods)
     """Base of every driver class.
 
     Subclasses set :attr:`Options` to their pydantic model; the config layer validates

@@ -177,7 +177,9 @@ def vmreclaim_translate_filter(disk: Disk, image: Image, plan: ReclaimPlan) -> R
 
 
 @hookspec(firstresult=True)
-def vmreclaim_reclaim_punch(disk: Disk, image: Image, fd: int, plan: ReclaimPlan) -> PunchResult:
+def vmreclaim_reclaim_punch(
+    disk: Disk, image: Image, fd: int, plan: ReclaimPlan
+) -> PunchResult | None:
     """Punch the plan's host ranges into the data file open as ``fd``.
 
     The core implements it (``fallocate(PUNCH_HOLE|KEEP_SIZE)``) and is called last.
@@ -190,7 +192,8 @@ def vmreclaim_reclaim_punch(disk: Disk, image: Image, fd: int, plan: ReclaimPlan
     :param fd: A descriptor of ``image.data_file`` open for writing, locked against
         other QEMU writers.
     :param plan: What to punch (``plan.punch``, host bytes, block-aligned).
-    :returns: A :class:`~vmreclaim.core.punch.PunchResult`; the first result wins.
+    :returns: A :class:`~vmreclaim.core.punch.PunchResult`, or ``None`` to leave the
+        punch to the next implementation; the first result wins.
 
     .. versionadded:: 0.1
     """

@@ -41,7 +41,7 @@ def _open(path: Path, format: str, chain: tuple[Path, ...]) -> Image:
         driver = loader.load_driver("formats", name, ImageFormat)
 
         def open_backing(backing: Path, backing_format: str) -> Image:
-            return _open(backing, backing_format or AUTO, chain + (real,))
+            return _open(backing, backing_format or AUTO, (*chain, real))
 
         image = driver.open(file, open_backing)
         image.capabilities = driver.capabilities

@@ -112,8 +112,7 @@ def load_driver(kind: str, name: str, base: type[D], options: DriverOptions | No
     assert issubclass(cls, base)
     if options is not None and not isinstance(options, cls.Options):
         raise DriverLoadError(
-            f"{kind} driver {name!r} expects options {cls.Options.__name__}, "
-            f"got {type(options).__name__}"
+            f"{kind} driver {name!r} expects options {cls.Options.__name__}, got {type(options).__name__}"
         )
     try:
         return cls(options)

@@ -110,11 +110,7 @@ class DeletionRecord:
             )
         pairs = []
         for i, pair in enumerate(raw_ranges):
-            if (
-                not isinstance(pair, list)
-                or len(pair) != 2
-                or not all(type(v) is int for v in pair)
-            ):
+            if not isinstance(pair, list) or len(pair) != 2 or not all(type(v) is int for v in pair):
                 raise ProtocolError(f"record range #{i} is not [offset, length] of two integers")
             try:
                 r = ByteRange(pair[0], pair[1])
@@ -123,18 +119,14 @@ class DeletionRecord:
             if not r:
                 raise ProtocolError(f"record range #{i} is empty")
             if disk_size is not None and r.end > disk_size:
-                raise ProtocolError(
-                    f"record range #{i} {r} lies outside disk {disk!r} of {disk_size} bytes"
-                )
+                raise ProtocolError(f"record range #{i} {r} lies outside disk {disk!r} of {disk_size} bytes")
             pairs.append(r)
         ranges = RangeSet.from_ranges(pairs)
         claimed = doc.get("bytes")
-        if claimed is not None and claimed != ranges.total:
-            # Overlapping ranges coalesce, so a smaller total is honest; a larger one is not.
-            if type(claimed) is not int or claimed < ranges.total or claimed > sum(
-                r.length for r in pairs
-            ):
-                raise ProtocolError(f"record 'bytes' {claimed!r} does not match its ranges")
+        if claimed is not None and (type(claimed) is not int or claimed != ranges.total):
+            raise ProtocolError(
+                f"record 'bytes' {claimed!r} is not the {ranges.total} bytes its ranges cover"
+            )
         seq = doc.get("seq", 0)
         if type(seq) is not int or seq < 0:
             raise ProtocolError("record 'seq' must be a non-negative integer")

@@ -47,9 +47,7 @@ class Pipeline:
         """Stage 3: the policy's decision, which a plugin may postpone."""
         decision = policy.decide(state, storage, now)
         if decision.reclaim:
-            veto = self.plugins.decide_veto(
-                disk=disk, pending_bytes=state.pending_bytes, decision=decision
-            )
+            veto = self.plugins.decide_veto(disk=disk, pending_bytes=state.pending_bytes, decision=decision)
             if veto is not None:
                 return Decision(False, f"postponed by a plugin: {veto}")
         return decision

@@ -80,9 +80,7 @@ class Plugins:
         return plan if keep == plan.punch else plan.narrowed(keep, "vetoed by a plugin")
 
     def reclaim_punch(self, *, disk: Disk, image: Image, fd: int, plan: ReclaimPlan) -> PunchResult:
-        result: PunchResult = self._hook.vmreclaim_reclaim_punch(
-            disk=disk, image=image, fd=fd, plan=plan
-        )
+        result: PunchResult = self._hook.vmreclaim_reclaim_punch(disk=disk, image=image, fd=fd, plan=plan)
         return result
 
     def reclaim_done(self, *, disk: Disk, report: ReclaimReport) -> None:

@@ -59,7 +59,5 @@ def punch_holes(fd: int, ranges: RangeSet, *, path: str = "") -> PunchResult:
                     f"{path or fd}: the host filesystem cannot punch holes "
                     f"(fallocate PUNCH_HOLE: {os.strerror(err)})"
                 )
-            raise VMReclaimError(
-                f"{path or fd}: punching [{start}, {end}) failed: {os.strerror(err)}"
-            )
+            raise VMReclaimError(f"{path or fd}: punching [{start}, {end}) failed: {os.strerror(err)}")
     return PunchResult(punched_bytes=ranges.total, freed_bytes=before - allocated_bytes(fd))

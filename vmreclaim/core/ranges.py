@@ -37,8 +37,7 @@ class ByteRange:
     def __post_init__(self) -> None:
         if self.start < 0 or self.length < 0 or self.start + self.length > MAX_OFFSET:
             raise RangeError(
-                f"byte range start={self.start} length={self.length} is negative or "
-                f"overflows 2**63-1"
+                f"byte range start={self.start} length={self.length} is negative or overflows 2**63-1"
             )
 
     @classmethod
@@ -101,7 +100,7 @@ class RangeSet:
     Adjacent and overlapping inputs merge: ``{[0,4), [4,8)}`` is the single ``[0,8)``.
     """
 
-    __slots__ = ("_starts", "_ends")
+    __slots__ = ("_ends", "_starts")
 
     def __init__(self, starts: Any = (), ends: Any = (), *, _normalised: bool = False) -> None:
         s = np.asarray(starts, dtype=np.int64).reshape(-1)
@@ -176,9 +175,7 @@ class RangeSet:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, RangeSet):
             return NotImplemented
-        return np.array_equal(self._starts, other._starts) and np.array_equal(
-            self._ends, other._ends
-        )
+        return np.array_equal(self._starts, other._starts) and np.array_equal(self._ends, other._ends)
 
     def __hash__(self) -> int:
         return hash((self._starts.tobytes(), self._ends.tobytes()))
@@ -254,9 +251,7 @@ class RangeSet:
     def chunks(self, max_ranges: int) -> Iterator[RangeSet]:
         """Consecutive sub-sets of at most ``max_ranges`` ranges each."""
         for i in range(0, len(self), max_ranges):
-            yield RangeSet(
-                self._starts[i : i + max_ranges], self._ends[i : i + max_ranges], _normalised=True
-            )
+            yield RangeSet(self._starts[i : i + max_ranges], self._ends[i : i + max_ranges], _normalised=True)
 
 
 def _normalise(starts: Int64Array, ends: Int64Array) -> tuple[Int64Array, Int64Array]:

@@ -39,9 +39,7 @@ def require_tool(*names: str) -> None:
 
 def run(cmd: Sequence[str | os.PathLike[str]], *, check: bool = True, timeout: float = 120) -> str:
     """Run a command, return its stdout; on failure raise with its stderr shown."""
-    proc = subprocess.run(
-        [str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, check=False
-    )
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, check=False)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(str(c) for c in cmd)} exited {proc.returncode}\n"
@@ -57,7 +55,9 @@ def make_record(
     return DeletionRecord(vm=vm, disk=disk, ranges=RangeSet.from_ranges(ranges), fs=fs, seq=seq)
 
 
-def make_disk(path: str | os.PathLike[str], *, vm: str = "vm1", id: str = "disk0", format: str = "auto") -> Disk:
+def make_disk(
+    path: str | os.PathLike[str], *, vm: str = "vm1", id: str = "disk0", format: str = "auto"
+) -> Disk:
     """A :class:`Disk` for an image file."""
     return Disk(vm=vm, id=id, path=Path(path), format=format)
 

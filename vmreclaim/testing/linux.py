@@ -34,7 +34,9 @@ def loop_device(image: str | os.PathLike[str], *, partscan: bool = False) -> Ite
 
 
 @contextmanager
-def mounted(device: str | os.PathLike[str], mountpoint: str | os.PathLike[str], *, options: Sequence[str] = ()) -> Iterator[Path]:
+def mounted(
+    device: str | os.PathLike[str], mountpoint: str | os.PathLike[str], *, options: Sequence[str] = ()
+) -> Iterator[Path]:
     """Mount ``device`` on ``mountpoint`` (created if needed); unmount afterwards."""
     require_root()
     mnt = Path(mountpoint)
@@ -86,9 +88,12 @@ def qemu_fuse_export(
     proc = subprocess.Popen(
         [
             "qemu-storage-daemon",
-            "--blockdev", f"driver=file,node-name=file0,filename={image}{unmap}",
-            "--blockdev", f"driver={fmt},node-name=fmt0,file=file0{unmap}",
-            "--export", f"type=fuse,id=exp0,node-name=fmt0,mountpoint={export},writable=on",
+            "--blockdev",
+            f"driver=file,node-name=file0,filename={image}{unmap}",
+            "--blockdev",
+            f"driver={fmt},node-name=fmt0,file=file0{unmap}",
+            "--export",
+            f"type=fuse,id=exp0,node-name=fmt0,mountpoint={export},writable=on",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
