@@ -14,6 +14,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 from vmreclaim.core.errors import UnsupportedImageError
 from vmreclaim.core.formats import Image
+from vmreclaim.core.lease import Lease
 from vmreclaim.core.locks import hold_for_writing
 from vmreclaim.core.model import Disk
 from vmreclaim.core.plugins import Plugins
@@ -68,6 +69,7 @@ class Pipeline:
         dry_run: bool = False,
         deep: bool = False,
         fd: int | None = None,
+        lease: Lease | None = None,
     ) -> ReclaimReport:
         """Stages 4 and 5: translate ``ranges`` and punch them.
 
@@ -75,7 +77,8 @@ class Pipeline:
         under QEMU's lock protocol and a busy image raises
         :class:`~vmreclaim.core.errors.ImageBusyError` before anything is written. A
         caller that passes ``fd`` (the host daemon, inside a fence) has established
-        the safety of a live punch itself.
+        the safety of a live punch itself; with ``lease`` (the fence's time limit) no
+        byte is punched once it is over (:class:`~vmreclaim.core.errors.FenceError`).
         """
         if deep and not image.capabilities.deep_reclaim:
             raise UnsupportedImageError(
@@ -87,6 +90,7 @@ class Pipeline:
         )
         with holder as write_fd:
             plan = self.translate(disk, image, ranges, write_fd)
+            plan.lease = lease
             if dry_run:
                 report = ReclaimReport(
                     requested_bytes=plan.requested_bytes,
@@ -98,6 +102,8 @@ class Pipeline:
                 )
                 self.plugins.reclaim_done(disk=disk, report=report)
                 return report
+            if lease is not None:
+                lease.check()  # translating may have used up the lease
             result = self.plugins.reclaim_punch(disk=disk, image=image, fd=write_fd, plan=plan)
             os.fsync(write_fd)
         freed = result.freed_bytes

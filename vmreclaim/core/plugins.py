@@ -28,7 +28,7 @@ class _CorePunch:
 
     @hookimpl(trylast=True)
     def vmreclaim_reclaim_punch(self, image: Image, fd: int, plan: ReclaimPlan) -> PunchResult:
-        return punch_holes(fd, plan.punch, path=str(image.data_file.path))
+        return punch_holes(fd, plan.punch, path=str(image.data_file.path), lease=plan.lease)
 
 
 class Plugins:

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 
 from vmreclaim.core.errors import PunchUnsupportedError, VMReclaimError
+from vmreclaim.core.lease import Lease
 from vmreclaim.core.ranges import RangeSet
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -44,14 +45,18 @@ class PunchResult:
     freed_bytes: int
 
 
-def punch_holes(fd: int, ranges: RangeSet, *, path: str = "") -> PunchResult:
+def punch_holes(fd: int, ranges: RangeSet, *, path: str = "", lease: Lease | None = None) -> PunchResult:
     """Punch every range of ``ranges`` (already aligned and coalesced) in one call each.
 
     ``freed_bytes`` is measured: allocated bytes before minus after, so it also shows
-    ranges that were already holes (freeing nothing) and concurrent writers.
+    ranges that were already holes (freeing nothing) and concurrent writers. With a
+    ``lease`` (a live punch inside a fence) the lease is checked before every call and
+    :class:`~vmreclaim.core.errors.FenceError` stops the punch once it is over.
     """
     before = allocated_bytes(fd)
     for start, end in zip(ranges.starts.tolist(), ranges.ends.tolist(), strict=True):
+        if lease is not None:
+            lease.check()
         if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start, end - start):
             err = ctypes.get_errno()
             if err in (errno.EOPNOTSUPP, errno.ENOSYS):
