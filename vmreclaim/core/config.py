@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, model_validator
 
 from vmreclaim.core import loader
 from vmreclaim.core.driver import DriverOptions
@@ -90,6 +90,32 @@ class FenceConfig(StrictModel):
     """How long a guest filesystem may stay frozen for a host punch."""
 
     lease_seconds: float = Field(default=5.0, gt=0, le=60)
+    #: The host stops punching this long before the lease ends (it counts the lease
+    #: from when it sent the request; the agent from when it received it).
+    margin_seconds: float = Field(default=0.5, ge=0, le=30)
+
+    @model_validator(mode="after")
+    def _margin_below_lease(self) -> FenceConfig:
+        if self.margin_seconds >= self.lease_seconds:
+            raise ValueError(
+                f"margin_seconds {self.margin_seconds} leaves nothing of lease_seconds {self.lease_seconds}"
+            )
+        return self
+
+
+class ReclaimConfig(StrictModel):
+    """When and how much the host daemon reclaims at once."""
+
+    #: Every disk with pending bytes is put to the policy at least this often.
+    tick_seconds: float = Field(default=2.0, gt=0, le=3600)
+    #: Reclaims running at the same time (each on a different disk).
+    parallel: int = Field(default=2, ge=1, le=64)
+    #: After a failed or refused reclaim a disk waits 1 s, 2 s, 4 s ... up to this.
+    retry_max_seconds: float = Field(default=300.0, gt=0)
+    #: How long guest-trim mode may take before the host gives up waiting.
+    trim_timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
+    #: VMs are listed again this often, to follow VMs that appear and go.
+    rescan_seconds: float = Field(default=30.0, gt=0)
 
 
 class HostConfig(StrictModel):
@@ -101,7 +127,10 @@ class HostConfig(StrictModel):
     status_socket: Path
     metrics: MetricsConfig | None = None
     fence: FenceConfig = Field(default_factory=FenceConfig)
+    reclaim: ReclaimConfig = Field(default_factory=ReclaimConfig)
     log_level: str = Field(default="info", pattern="^(debug|info|warning|error)$")
+    #: ``text``: one ``key=value`` line per event; ``json``: one JSON object per line.
+    log_format: str = Field(default="text", pattern="^(text|json)$")
 
 
 class FilesystemEntry(StrictModel):
