@@ -1,0 +1,266 @@
+"""Offline sparsify: punch every free block of every supported guest filesystem.
+
+``vmreclaim image sparsify IMAGE`` (DESIGN.md section 8) is the capture and verify
+stages done from the host, for a VM that is shut down:
+
+1. open the image through its format driver and take QEMU's write locks on it (a busy
+   image is refused with exit 3 before anything is read), and keep them until the last
+   punch: no VM may start and allocate blocks between our reading of the bitmaps and
+   our punching of them;
+2. read the partition table (:mod:`vmreclaim.core.volumes`) and ask the filesystem
+   drivers (:mod:`vmreclaim.core.filesystems`) about each volume;
+3. read the free space of every filesystem whose driver can, all of them *before* any
+   punch, so a filesystem that must be refused (journal to replay, bad checksum) stops
+   the whole run with nothing changed;
+4. shift each filesystem's free ranges by its partition start and hand the union to
+   :meth:`Pipeline.reclaim <vmreclaim.core.pipeline.Pipeline.reclaim>` — the same
+   translate/validate/align/punch/measure path as every other reclaim.
+
+With ``dry_run`` step 4 plans but does not punch, and the image is only checked for a
+writer, not locked.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmreclaim.core import loader
+from vmreclaim.core.errors import ImageBusyError, UsageError
+from vmreclaim.core.filesystems import FilesystemReader, ProgressCallback, identify
+from vmreclaim.core.formats import Image
+from vmreclaim.core.image import AUTO, open_image
+from vmreclaim.core.locks import busy_reason, hold_for_writing
+from vmreclaim.core.model import Disk
+from vmreclaim.core.pipeline import Pipeline
+from vmreclaim.core.ranges import RangeSet
+from vmreclaim.core.reclaim import ReclaimReport
+from vmreclaim.core.volumes import Volume, scan_volumes
+
+
+@dataclass(frozen=True)
+class FilesystemResult:
+    """One volume of the disk and what sparsify found on it."""
+
+    volume: Volume
+    type: str | None
+    block_size: int | None
+    free_bytes: int
+    skipped: str | None = None
+    label: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        v = self.volume
+        return {
+            "partition": v.number,
+            "type": self.type,
+            "block_size": self.block_size,
+            "free_bytes": self.free_bytes,
+            "start": v.start,
+            "length": v.length,
+            "scheme": v.scheme,
+            "label": self.label,
+            "skipped": self.skipped,
+        }
+
+
+@dataclass(frozen=True)
+class SparsifyReport:
+    """The outcome of one sparsify; :meth:`to_json` is the ``image sparsify`` document."""
+
+    image: str
+    format: str
+    filesystems: list[FilesystemResult]
+    punched_bytes: int
+    freed_bytes: int
+    seconds: float
+    dry_run: bool = False
+    #: Free bytes that were not punched, per reason (``zero``, ``partial-block``, ...).
+    not_punched: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def free_bytes(self) -> int:
+        return sum(f.free_bytes for f in self.filesystems)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "image": self.image,
+            "format": self.format,
+            "filesystems": [f.to_json() for f in self.filesystems],
+            "free_bytes": self.free_bytes,
+            "punched_bytes": self.punched_bytes,
+            "freed_bytes": self.freed_bytes,
+            "seconds": round(self.seconds, 3),
+            "dry_run": self.dry_run,
+            "skipped": [{"reason": r, "bytes": n} for r, n in sorted(self.not_punched.items())],
+        }
+
+    def print_human(self, console: Any) -> None:
+        from rich.table import Table
+
+        table = Table(title=f"{self.image} ({self.format})")
+        for col, right in (("partition", False), ("start", True), ("size", True), ("type", False),
+                           ("block", True), ("free", True), ("status", False)):
+            table.add_column(col, justify="right" if right else "left")
+        for f in self.filesystems:
+            v = f.volume
+            table.add_row(
+                v.label, str(v.start), _human(v.length), f.type or "?",
+                str(f.block_size or ""), _human(f.free_bytes) if f.skipped is None else "",
+                f"skipped: {f.skipped}" if f.skipped else "read",
+            )
+        console.print(table)
+        verb = "would punch" if self.dry_run else "punched"
+        line = f"free {_human(self.free_bytes)}, {verb} {_human(self.punched_bytes)}"
+        if not self.dry_run:
+            line += f", freed {_human(self.freed_bytes)} of host storage"
+        console.print(f"{line} in {self.seconds:.2f} s")
+        for reason, n in sorted(self.not_punched.items()):
+            console.print(f"  not punched ({reason}): {_human(n)}")
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(n)
+
+
+def sparsify_image(
+    path: str | os.PathLike[str], format: str = AUTO, *, dry_run: bool = False, progress: bool = False
+) -> SparsifyReport:
+    """Find the free blocks of every supported filesystem in the image and punch them.
+
+    Raises :class:`~vmreclaim.core.errors.ImageBusyError` (exit 3) if another process
+    holds the image for writing, and an :class:`~vmreclaim.core.errors.ImageError`
+    (exit 4) if a filesystem or the partition table cannot be trusted; in both cases
+    nothing is written.
+    """
+    started = time.monotonic()
+    with _Progress(progress) as bar, open_image(path, format) as image, _locked(image, dry_run) as fd:
+        image.check_punchable()
+        results, free = _scan(image, bar)
+        report = _reclaim(image, free, fd, dry_run, bar)
+    not_punched: dict[str, int] = {}
+    if report is not None:
+        for skip in report.skipped:
+            not_punched[skip.reason] = not_punched.get(skip.reason, 0) + skip.length
+    return SparsifyReport(
+        image=str(path),
+        format=image.format_name,
+        filesystems=results,
+        punched_bytes=report.punched_bytes if report else 0,
+        freed_bytes=report.freed_bytes if report else 0,
+        seconds=time.monotonic() - started,
+        dry_run=dry_run,
+        not_punched=not_punched,
+    )
+
+
+@contextmanager
+def _locked(image: Image, dry_run: bool) -> Iterator[int]:
+    """QEMU's write locks on the image (and its external data file) for the whole run.
+
+    A dry run writes nothing, so it only checks that no writer holds the image: a
+    report read while a VM writes would be meaningless.
+    """
+    if dry_run:
+        fd = image.data_file.fd
+        for f in {image.file.path: image.file, image.data_file.path: image.data_file}.values():
+            reason = busy_reason(f.fd)
+            if reason is not None:
+                raise ImageBusyError(f"{f.path}: image is busy: another process {reason}; stop it first")
+        yield fd
+        return
+    with ExitStack() as stack:
+        if image.data_file is not image.file:
+            stack.enter_context(hold_for_writing(image.file.path))
+        yield stack.enter_context(hold_for_writing(image.data_file.path))
+
+
+def _scan(image: Image, bar: _Progress) -> tuple[list[FilesystemResult], RangeSet]:
+    """Every volume identified and every readable filesystem's free bytes, in disk order."""
+    readers = loader.load_all("filesystems", FilesystemReader)
+    results: list[FilesystemResult] = []
+    free = RangeSet()
+    for volume in scan_volumes(image):
+        if volume.skip_reason is not None:
+            results.append(FilesystemResult(volume, volume.content, None, 0, volume.skip_reason))
+            continue
+        found = identify(volume, readers)
+        det = found.detection
+        if found.skip_reason is not None or found.reader is None or det is None:
+            results.append(
+                FilesystemResult(volume, det.type if det else None, det.block_size if det else None, 0,
+                                 found.skip_reason, det.label if det else "")
+            )
+            continue
+        space = found.reader.free_space(volume, det, bar.stage(f"{volume.label}: {det.type} bitmaps"))
+        if space.free and int(space.free.ends[-1]) > volume.length:
+            raise UsageError(
+                f"{image.file.path}: {volume.label}: the {found.name} driver reported free bytes past "
+                "the end of the volume"
+            )
+        free = free.union(space.free.shift(volume.start))
+        results.append(FilesystemResult(volume, det.type, space.block_size, space.free.total, None, det.label))
+    return results, free
+
+
+def _reclaim(image: Image, free: RangeSet, fd: int, dry_run: bool, bar: _Progress) -> ReclaimReport | None:
+    if not free:
+        return None
+    disk = Disk(vm="", id=Path(image.file.path).name, path=Path(image.file.path), format=image.format_name)
+    done = bar.stage("planning" if dry_run else "punching", pulse=True)
+    report = Pipeline().reclaim(disk, image, free, dry_run=dry_run, fd=fd)
+    done(1, 1)
+    return report
+
+
+class _Progress:
+    """A rich progress bar on stderr when asked for and stderr is a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._bar: Any = None
+        if enabled:
+            from rich.console import Console
+
+            console = Console(stderr=True)
+            if console.is_terminal:
+                from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+                self._bar = Progress(
+                    TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                    TimeElapsedColumn(), console=console, transient=False,
+                )
+
+    def __enter__(self) -> _Progress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def stage(self, description: str, *, pulse: bool = False) -> ProgressCallback:
+        """A callback ``(done, total)`` that moves a new task of the bar."""
+        if self._bar is None:
+            return _ignore
+        bar = self._bar
+        task = bar.add_task(description, total=None if pulse else 1)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        return update
+
+
+def _ignore(done: int, total: int) -> None:
+    return None
