@@ -58,6 +58,12 @@ class HelloDisk(_Message):
     fs: str = Field(default="", max_length=64)
     #: The guest block device says it can discard (``discard_max_bytes > 0``).
     discard: bool = False
+    #: The disk's size in bytes as the guest sees it (0: unknown). A host refuses records
+    #: for a disk whose size is not its image's virtual size: the names do not match.
+    size: int = Field(default=0, ge=0)
+    #: ``"getfsmap"``: records are verified with GETFSMAP; ``"fitrim-only"``: no
+    #: GETFSMAP on this filesystem, so no records, only FITRIM after deletions.
+    verify: Literal["getfsmap", "fitrim-only"] = "getfsmap"
 
 
 class Hello(_Message):
@@ -116,6 +122,9 @@ class TrimDone(_Message):
     type: Literal["trim_done"] = "trim_done"
     fence: int = Field(ge=0)
     trimmed_bytes: int = Field(ge=0)
+    #: Set when some FITRIM failed (``EOPNOTSUPP``: the disk passes no discards; an
+    #: unknown disk); ``trimmed_bytes`` counts what succeeded.
+    error: str | None = Field(default=None, max_length=1024)
 
 
 class Pong(_Message):
