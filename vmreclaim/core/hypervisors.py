@@ -10,11 +10,14 @@ block job (mirror, stream, commit, backup) running on it (DESIGN.md section 4, r
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from vmreclaim.core.driver import Driver, DriverOptions
+from vmreclaim.core.errors import HypervisorError
 from vmreclaim.core.model import Disk, VMIdentity
+from vmreclaim.core.ranges import RangeSet
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,29 @@ class VMInfo:
 
 
 @dataclass(frozen=True)
+class VMEvent:
+    """A change of one VM that the hypervisor announced (capability ``events``).
+
+    ``kind`` is one of :data:`VM_EVENT_KINDS`; ``detail`` is the hypervisor's own word
+    for why (``"booted"``, ``"shutdown"``, ``"destroyed"``), for logs only.
+    """
+
+    vm: VMIdentity
+    kind: str
+    detail: str = ""
+
+
+#: ``started`` / ``stopped``: the VM began or ceased running (its channel appears or
+#: goes; a stopped VM may be reclaimed offline). ``defined`` / ``undefined``: the VM
+#: was added to or removed from the hypervisor. ``changed``: anything else (paused,
+#: resumed, a device added) — list the VM again.
+VM_EVENT_KINDS = ("started", "stopped", "defined", "undefined", "changed")
+
+#: Called by :meth:`Hypervisor.watch` from a thread of the driver's own.
+VMEventCallback = Callable[[VMEvent], None]
+
+
+@dataclass(frozen=True)
 class HypervisorCapabilities:
     """Optional abilities of a hypervisor driver; checked by the core, never probed."""
 
@@ -48,6 +74,12 @@ class HypervisorCapabilities:
     block_jobs: bool = False
     #: :meth:`Hypervisor.refresh` is cheap enough to call before every reclaim.
     live_state: bool = True
+    #: :meth:`Hypervisor.watch` delivers VM start/stop/define/undefine events, so the
+    #: daemon need not wait for its next rescan to follow them.
+    events: bool = False
+    #: :meth:`Hypervisor.discard` sends discards through the hypervisor's own block
+    #: layer (QEMU), which also releases qcow2 clusters in the image's metadata.
+    discard: bool = False
 
 
 class Hypervisor(Driver):
@@ -73,5 +105,25 @@ class Hypervisor(Driver):
         """Names of block jobs running on ``disk`` (capability ``block_jobs``)."""
         return []
 
+    def watch(self, callback: VMEventCallback) -> None:
+        """Deliver every later :class:`VMEvent` to ``callback`` (capability ``events``).
+
+        The callback runs in a thread of the driver's own and must not block (an
+        asyncio daemon hands the event to its loop with ``call_soon_threadsafe``). It
+        is only a hint to list VMs again: the daemon still rescans periodically, and
+        drivers without the capability never call it.
+        """
+
+    def discard(self, vm: VMIdentity, disk: Disk, ranges: RangeSet) -> None:
+        """Discard guest byte ``ranges`` of ``disk`` through the hypervisor's block layer
+        (capability ``discard``): the deep reclaim of a live qcow2 image.
+
+        Only for ranges proven free under a fence that is still up (DESIGN.md section 4):
+        the guest does not see this discard coming. Raise
+        :class:`~vmreclaim.core.errors.HypervisorError` when it cannot be done.
+        """
+        name = type(self).__name__
+        raise HypervisorError(f"hypervisor driver {name} cannot discard through its hypervisor")
+
     def close(self) -> None:
-        """Release connections to the hypervisor."""
+        """Release connections to the hypervisor (and stop delivering events)."""
