@@ -118,13 +118,14 @@ def _read_table(image: Image, head: bytes, size: int) -> list[Volume]:
     if entries is None:
         return whole
     if any(e.type == _MBR_PROTECTIVE for e in entries):
+        problems: list[str] = []
         for sector in (SECTOR, 4096):
-            found = _read_gpt(image, size, sector)
+            found = _read_gpt(image, size, sector, problems)
             if found is not None:
                 return found
         raise CorruptImageError(
-            f"{image.file.path}: protective MBR (type 0xee) but neither the primary nor the "
-            "backup GPT header is valid"
+            f"{image.file.path}: protective MBR (type 0xee) but no valid GPT header"
+            + (f": {'; '.join(problems)}" if problems else " (no 'EFI PART' signature)")
         )
     return _read_mbr(image, entries, size)
 
@@ -245,38 +246,48 @@ def _partition(
 _GPT_HEADER = struct.Struct("<8sIIIIQQQQ16sQIII")
 
 
-def _read_gpt(image: Image, size: int, sector: int) -> list[Volume] | None:
-    """Partitions from the primary GPT, else the backup; ``None`` if neither is valid."""
+class _InvalidGPT(Exception):
+    """One GPT copy (header or entry array) failed a check; the other copy may not."""
+
+
+def _read_gpt(image: Image, size: int, sector: int, problems: list[str]) -> list[Volume] | None:
+    """Partitions from the primary GPT, else from the backup (as Linux does when the
+    primary header or its entry array is damaged); ``None`` if neither is valid, with
+    the reasons appended to ``problems``."""
     last_lba = size // sector - 1
     for lba in (1, last_lba):
         if lba < 1 or (lba + 1) * sector > size:
             continue
-        parsed = _parse_gpt(image, image.read(lba * sector, sector), lba, size, sector)
-        if parsed is not None:
-            return parsed
+        hdr = image.read(lba * sector, sector)
+        if hdr[:8] != b"EFI PART":
+            continue
+        try:
+            return _parse_gpt(image, hdr, lba, size, sector)
+        except _InvalidGPT as exc:
+            problems.append(f"GPT at LBA {lba} ({sector}-byte sectors): {exc}")
     return None
 
 
-def _parse_gpt(image: Image, hdr: bytes, lba: int, size: int, sector: int) -> list[Volume] | None:
-    (sig, _rev, hsize, hcrc, _res, my_lba, _alt, first_use, last_use, _guid, entries_lba, count, esize,
+def _parse_gpt(image: Image, hdr: bytes, lba: int, size: int, sector: int) -> list[Volume]:
+    (_sig, _rev, hsize, hcrc, _res, my_lba, _alt, first_use, last_use, _guid, entries_lba, count, esize,
      ecrc) = _GPT_HEADER.unpack_from(hdr)
-    if sig != b"EFI PART" or not 92 <= hsize <= sector or my_lba != lba:
-        return None
+    if not 92 <= hsize <= sector:
+        raise _InvalidGPT(f"header size {hsize} is not between 92 and {sector}")
     check = bytearray(hdr[:hsize])
     check[16:20] = bytes(4)
     if zlib.crc32(check) != hcrc:
-        return None
-    where = image.file.path
+        raise _InvalidGPT("header fails its CRC32")
+    if my_lba != lba:
+        raise _InvalidGPT(f"header says it lives at LBA {my_lba}")
     if esize < 128 or esize % 8 or count * esize > MAX_GPT_ENTRIES_BYTES:
-        raise CorruptImageError(
-            f"{where}: GPT header at LBA {lba}: {count} entries of {esize} bytes is not a valid entry array"
-        )
+        raise _InvalidGPT(f"{count} entries of {esize} bytes is not a valid entry array")
     table_len = count * esize
     if entries_lba * sector + table_len > size:
-        raise CorruptImageError(f"{where}: GPT entry array at LBA {entries_lba} lies past the end of the disk")
+        raise _InvalidGPT(f"entry array at LBA {entries_lba} lies past the end of the disk")
     table = image.read(entries_lba * sector, table_len)
     if zlib.crc32(table) != ecrc:
-        raise CorruptImageError(f"{where}: GPT entry array at LBA {entries_lba} fails its CRC32")
+        raise _InvalidGPT(f"entry array at LBA {entries_lba} fails its CRC32")
+    where = image.file.path
     volumes = []
     for i in range(count):
         raw = table[i * esize : (i + 1) * esize]
