@@ -63,12 +63,18 @@ def test_pipeline_refuses_after_translate_when_lease_is_over(tmp_path: Path) -> 
         with open_image(image_path) as image:
             with pytest.raises(FenceError):
                 Pipeline().reclaim(
-                    make_disk(image_path), image, RangeSet([0], [MiB]), fd=fd,
+                    make_disk(image_path),
+                    image,
+                    RangeSet([0], [MiB]),
+                    fd=fd,
                     lease=Lease(time.monotonic() - 1),
                 )
             assert allocated_bytes(fd) == 8 * MiB
             report = Pipeline().reclaim(
-                make_disk(image_path), image, RangeSet([0], [MiB]), fd=fd,
+                make_disk(image_path),
+                image,
+                RangeSet([0], [MiB]),
+                fd=fd,
                 lease=Lease(time.monotonic() + 30),
             )
         assert report.punched_bytes == MiB

@@ -1,0 +1,129 @@
+"""Group commit: records become durable in batches, and only then are acknowledged.
+
+Sessions hand validated records to the :class:`Committer` and go on reading. One
+transaction commits at a time on the database thread; everything that arrives while it
+runs goes into the next one, so a fleet of agents costs one ``fsync`` per batch rather
+than one per record, and a lone agent still gets its ack within one commit's time. When
+a commit fails nothing of its batch is acknowledged (the agents keep the records in
+their spools and send them again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+from vmreclaim.core.model import DeletionRecord
+from vmreclaim.host.logs import event
+from vmreclaim.host.store import DeletionStore, StoredRecord
+
+#: A batch holds at most this many records (bounded transaction size and latency).
+MAX_BATCH_RECORDS = 20_000
+#: Sessions stop reading while more ranges than this wait for a commit.
+MAX_BACKLOG_RANGES = 4_000_000
+
+
+@dataclass
+class Incoming:
+    """A validated record waiting for its commit."""
+
+    key: str
+    record: DeletionRecord
+    received: float
+    #: Called on the event loop with the record's id once committed, or with the error.
+    done: Callable[[int | None, BaseException | None], None]
+
+
+class Committer:
+    """Batches :class:`Incoming` records into durable transactions."""
+
+    def __init__(
+        self,
+        store: DeletionStore,
+        db: Executor,
+        on_committed: Callable[[list[tuple[Incoming, int]]], None],
+        *,
+        first_id: int,
+    ) -> None:
+        self._store = store
+        self._db = db
+        self._on_committed = on_committed
+        self._queue: list[Incoming] = []
+        self._rejected: Counter[str] = Counter()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._backlog = 0
+        self._next_id = first_id
+        self.commits = 0
+        self.last_commit_seconds = 0.0
+
+    def allocate_id(self) -> int:
+        """A fresh record id (ids only grow, so ``id <= upto`` means "older")."""
+        rid = self._next_id
+        self._next_id += 1
+        return rid
+
+    def submit(self, item: Incoming) -> None:
+        self._queue.append(item)
+        self._backlog += len(item.record.ranges)
+        if self._backlog > MAX_BACKLOG_RANGES:
+            self._room.clear()
+        self._idle.clear()
+        self._wake.set()
+
+    def count_rejected(self, vm: str) -> None:
+        """Persist a rejection with the next batch (rejections need no ack)."""
+        self._rejected[vm] += 1
+        self._idle.clear()
+        self._wake.set()
+
+    async def room(self) -> None:
+        """Wait until the backlog is small enough to read more records."""
+        await self._room.wait()
+
+    async def drain(self) -> None:
+        """Wait until everything submitted so far is committed (or failed)."""
+        await self._idle.wait()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue or self._rejected:
+                batch = self._queue[:MAX_BATCH_RECORDS]
+                del self._queue[:MAX_BATCH_RECORDS]
+                rejected = dict(self._rejected)
+                self._rejected.clear()
+                rows = [
+                    StoredRecord(self.allocate_id(), i.key, i.record.seq, i.received, i.record.ranges)
+                    for i in batch
+                ]
+                started = time.monotonic()
+                try:
+                    await loop.run_in_executor(self._db, self._store.append, rows, rejected)
+                except Exception as exc:  # a full disk, an I/O error: nothing is acked
+                    event(40, "ingest.commit_failed", records=len(batch), error=str(exc))
+                    for item in batch:
+                        item.done(None, exc)
+                    self._rejected.update(rejected)
+                    await asyncio.sleep(0.5)
+                else:
+                    self.commits += 1
+                    self.last_commit_seconds = time.monotonic() - started
+                    committed = [(item, row.id) for item, row in zip(batch, rows, strict=True)]
+                    self._on_committed(committed)
+                    for item, rid in committed:
+                        item.done(rid, None)
+                finally:
+                    self._backlog -= sum(len(i.record.ranges) for i in batch)
+                    if self._backlog <= MAX_BACKLOG_RANGES // 2:
+                        self._room.set()
+            self._idle.set()

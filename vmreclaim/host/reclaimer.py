@@ -1,0 +1,415 @@
+"""The delete executor (the source design's module 4), under the safety model.
+
+For one disk and a snapshot of its pending ranges, :class:`Reclaimer` picks the one
+safe way to reclaim (:func:`choose_mode`, DESIGN.md section 4) and runs it:
+
+``trim``
+    The disk passes discards and the agent can FITRIM: the guest kernel trims exactly
+    the ranges, which its allocator makes safe; the host only measures what was freed.
+``fence``
+    An agent is connected (the filesystem is live): ask it to freeze and re-verify,
+    and once ``fence_ready`` is in, open the image *afresh* (no cached L2 table or BAT
+    survives from before the fence), translate only the re-verified ranges, and punch
+    them under a :class:`~vmreclaim.core.lease.Lease` that ends a safety margin before
+    the agent's (the lease counts from when the request was *sent*). Release always
+    follows. While the VM runs, the hypervisor must be able to report block jobs and
+    report none, checked before the fence and again once it is up.
+``offline``
+    No agent, the VM is not running, no process holds the image (QEMU's locks, taken
+    by us for the whole punch) and no loop device is attached to it. The records were
+    verified by a guest that may have run on since, so they are re-verified against the
+    free space the guest filesystem's own structures show (the ``filesystems`` plugin
+    kind, as ``image sparsify`` reads it); ranges that cannot be verified stay pending.
+
+Anything else waits, with the reason shown in ``vmreclaim status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from vmreclaim.core import loader
+from vmreclaim.core.errors import (
+    FenceError,
+    HypervisorError,
+    ImageBusyError,
+    ImageError,
+    VMReclaimError,
+)
+from vmreclaim.core.formats import Image
+from vmreclaim.core.hypervisors import Hypervisor, VMInfo
+from vmreclaim.core.image import AUTO, open_image
+from vmreclaim.core.lease import Lease
+from vmreclaim.core.locks import hold_for_writing
+from vmreclaim.core.model import Disk
+from vmreclaim.core.pipeline import Pipeline
+from vmreclaim.core.protocol import FenceRefused, pairs_to_ranges
+from vmreclaim.core.ranges import ByteRange, RangeSet
+from vmreclaim.core.reclaim import ReclaimReport
+from vmreclaim.host.logs import event
+from vmreclaim.host.pending import Snapshot
+from vmreclaim.host.session import AgentSession
+
+T = TypeVar("T")
+
+DONE = "done"
+POSTPONED = "postponed"
+REFUSED = "refused"
+EXPIRED = "expired"
+FAILED = "failed"
+
+
+@dataclass
+class Attempt:
+    """The outcome of one reclaim attempt of one disk."""
+
+    mode: str
+    outcome: str
+    detail: str = ""
+    requested_bytes: int = 0
+    verified_bytes: int = 0
+    punched_bytes: int = 0
+    freed_bytes: int = 0
+    #: Seconds the guest filesystem was frozen (fence mode), from request to release.
+    fence_seconds: float | None = None
+    #: Ranges of the snapshot that stay pending although the attempt is done.
+    keep: RangeSet = field(default_factory=RangeSet)
+
+    @property
+    def done(self) -> bool:
+        return self.outcome == DONE
+
+
+@dataclass(frozen=True)
+class ModeChoice:
+    mode: str | None
+    reason: str
+
+
+def choose_mode(
+    info: VMInfo,
+    disk: Disk,
+    session: AgentSession | None,
+    hypervisor: Hypervisor,
+    loop_device: str | None,
+) -> ModeChoice:
+    """The safe way to reclaim ``disk`` now, or ``None`` and why not (pure, no I/O)."""
+    if session is not None and not session.closed and session.welcomed:
+        if disk.id in session.info.mismatched:
+            return ModeChoice(None, session.info.mismatched[disk.id])
+        if session.info.modes.get(disk.id) == "trim":
+            return ModeChoice("trim", "the disk passes discards and the agent can trim")
+        if "fence" not in session.info.capabilities:
+            return ModeChoice(
+                None,
+                f"the agent of {info.identity} cannot fence (capabilities: "
+                f"{', '.join(sorted(session.info.capabilities)) or 'none'})",
+            )
+        if info.running and not type(hypervisor).capabilities.block_jobs:
+            return ModeChoice(
+                None,
+                f"VM {info.identity} runs and hypervisor driver {type(hypervisor).__name__} cannot "
+                "report block jobs, so its disks are reclaimed only in guest-trim mode",
+            )
+        return ModeChoice("fence", "an agent is connected")
+    if info.running:
+        return ModeChoice(None, f"VM {info.identity} runs and its agent is not connected")
+    if loop_device is not None:
+        return ModeChoice(None, f"{disk.path} is attached to {loop_device}, which may be mounted")
+    return ModeChoice("offline", "the VM is not running and no agent is connected")
+
+
+def loop_device_of(path: Path) -> str | None:
+    """The loop device backed by ``path``, if any (``/sys/block/loop*/loop/backing_file``)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    sys_block = Path("/sys/block")
+    try:
+        entries = list(sys_block.glob("loop*/loop/backing_file"))
+    except OSError:
+        return None
+    for backing in entries:
+        try:
+            name = backing.read_text().strip()
+            other = os.stat(name.removesuffix(" (deleted)"))
+        except OSError:
+            continue
+        if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+            return f"/dev/{backing.parent.parent.name}"
+    return None
+
+
+def offline_free_space(image: Image) -> tuple[RangeSet, RangeSet, list[str]]:
+    """Free bytes of the guest filesystems in ``image``, read from their structures.
+
+    Returns ``(free, covered, skipped)``: the free virtual-disk ranges, the ranges of
+    the volumes whose filesystem could be read (outside them nothing is known), and why
+    the others could not. Raises an ImageError when a filesystem must not be trusted
+    (a journal that needs recovery).
+    """
+    # Imported here: only the offline path needs the filesystem readers.
+    from vmreclaim.core.filesystems import FilesystemReader, identify
+    from vmreclaim.core.volumes import scan_volumes
+
+    readers = loader.load_all("filesystems", FilesystemReader)
+    free = RangeSet()
+    covered = RangeSet()
+    skipped = []
+    for volume in scan_volumes(image):
+        if volume.skip_reason:
+            skipped.append(f"{volume.label}: {volume.skip_reason}")
+            continue
+        found = identify(volume, readers)
+        if found.reader is None or found.detection is None or found.skip_reason:
+            skipped.append(f"{volume.label}: {found.skip_reason or 'no filesystem reader'}")
+            continue
+        space = found.reader.free_space(volume, found.detection)
+        free = free.union(space.free.shift(volume.start))
+        covered = covered.union(RangeSet([volume.start], [volume.start + min(volume.length, space.size)]))
+    return free, covered, skipped
+
+
+class Postponed(VMReclaimError):
+    """Not now, for a reason that is not an error (a block job, a busy image)."""
+
+
+class Reclaimer:
+    """Runs reclaim attempts; see the module docstring."""
+
+    def __init__(
+        self,
+        hypervisor: Hypervisor,
+        pipeline: Pipeline,
+        executor: Executor,
+        *,
+        lease_seconds: float,
+        margin_seconds: float,
+        trim_timeout: float,
+    ) -> None:
+        self.hypervisor = hypervisor
+        self.pipeline = pipeline
+        self.executor = executor
+        self.lease_seconds = lease_seconds
+        self.margin_seconds = margin_seconds
+        self.trim_timeout = trim_timeout
+        #: Formats detected for ``format: auto`` disks, pinned at first detection so that
+        #: a guest cannot change how its image is read by writing a header into it.
+        self.pinned_formats: dict[Path, str] = {}
+
+    async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def open_image(self, disk: Disk) -> Image:
+        """Open ``disk``'s image afresh, with its format pinned (see ``pinned_formats``)."""
+        fmt = disk.format if disk.format != AUTO else self.pinned_formats.get(disk.path, AUTO)
+        image = open_image(disk.path, fmt)
+        if fmt == AUTO:
+            self.pinned_formats[disk.path] = image.format_name
+            event(
+                logging.WARNING,
+                "image.format_detected",
+                disk=disk.key,
+                path=str(disk.path),
+                format=image.format_name,
+                advice="set the disk's format in the configuration; it is pinned until restart",
+            )
+        return image
+
+    async def attempt(
+        self, disk: Disk, info: VMInfo, session: AgentSession | None, snap: Snapshot
+    ) -> Attempt:
+        choice = choose_mode(info, disk, session, self.hypervisor, loop_device_of(disk.path))
+        if choice.mode is None:
+            return Attempt("none", POSTPONED, choice.reason)
+        if choice.mode == "trim":
+            assert session is not None
+            return await self._trim(disk, session, snap.ranges)
+        if choice.mode == "fence":
+            assert session is not None
+            return await self._fenced(disk, info, session, snap.ranges)
+        return await self._offline(disk, snap.ranges)
+
+    # -- guest trim ------------------------------------------------------------------------
+
+    async def _trim(self, disk: Disk, session: AgentSession, ranges: RangeSet) -> Attempt:
+        async with session.fence_lock:
+            before = await self._thread(_allocated, disk.path)
+            try:
+                reply = await session.trim(disk, ranges, self.trim_timeout)
+            except FenceError as exc:
+                return Attempt("trim", REFUSED, str(exc), requested_bytes=ranges.total)
+            if isinstance(reply, FenceRefused):
+                return Attempt(
+                    "trim", REFUSED, f"agent refused to trim: {reply.error}", requested_bytes=ranges.total
+                )
+            freed = before - await self._thread(_allocated, disk.path)
+            if reply.error and not reply.trimmed_bytes:
+                if "EOPNOTSUPP" in reply.error or "not supported" in reply.error:
+                    # The guest's disk takes no discards after all: fence from now on.
+                    session.info.modes[disk.id] = "fence"
+                return Attempt(
+                    "trim", REFUSED, f"agent could not trim: {reply.error}", requested_bytes=ranges.total
+                )
+        report = ReclaimReport(ranges.total, reply.trimmed_bytes, freed, [], mode="trim")
+        self.pipeline.plugins.reclaim_done(disk=disk, report=report)
+        return Attempt(
+            "trim",
+            DONE,
+            f"guest trimmed {reply.trimmed_bytes} bytes" + (f" ({reply.error})" if reply.error else ""),
+            requested_bytes=ranges.total,
+            verified_bytes=reply.trimmed_bytes,
+            punched_bytes=reply.trimmed_bytes,
+            freed_bytes=freed,
+        )
+
+    # -- fenced host punch -----------------------------------------------------------------
+
+    def _check_block_jobs(self, info: VMInfo, disk: Disk) -> None:
+        if not info.running:
+            return  # no hypervisor process has the image open: no block job can run
+        try:
+            jobs = self.hypervisor.block_jobs(info.identity, disk)
+        except HypervisorError as exc:
+            raise Postponed(f"cannot ask for block jobs on {disk.key}: {exc}") from exc
+        if jobs:
+            raise Postponed(f"block job {', '.join(jobs)} runs on {disk.key}")
+
+    async def _fenced(self, disk: Disk, info: VMInfo, session: AgentSession, ranges: RangeSet) -> Attempt:
+        requested = ranges.total
+        try:
+            await self._thread(self._check_block_jobs, info, disk)
+        except Postponed as exc:
+            return Attempt("fence", POSTPONED, str(exc), requested_bytes=requested)
+        verified = RangeSet()
+        async with session.fence_lock:
+            wait = self.lease_seconds - self.margin_seconds
+            try:
+                fid, sent_at, reply = await session.fence(disk, ranges, self.lease_seconds, wait)
+            except FenceError as exc:
+                return Attempt("fence", REFUSED, str(exc), requested_bytes=requested)
+            if isinstance(reply, FenceRefused):
+                return Attempt(
+                    "fence", REFUSED, f"agent refused fence {fid}: {reply.error}", requested_bytes=requested
+                )
+            granted = min(self.lease_seconds, reply.lease_ms / 1000)
+            lease = Lease.starting(sent_at, granted, self.margin_seconds, what=f"fence {fid} on {disk.key}")
+            session.hold(fid, lease)
+            try:
+                if reply.disk != disk.id:
+                    return Attempt(
+                        "fence",
+                        REFUSED,
+                        f"agent answered fence {fid} for disk {reply.disk!r}, not {disk.id!r}",
+                        requested_bytes=requested,
+                    )
+                # The agent can only narrow what was asked; anything else is ignored.
+                verified = pairs_to_ranges(reply.ranges).intersect(ranges)
+                if not verified:
+                    return Attempt(
+                        "fence", DONE, "no range was still free under the fence", requested_bytes=requested
+                    )
+                report = await self._thread(self._punch_live, info, disk, verified, lease)
+            except FenceError as exc:
+                return Attempt(
+                    "fence", EXPIRED, str(exc), requested_bytes=requested, verified_bytes=verified.total
+                )
+            except Postponed as exc:
+                return Attempt("fence", POSTPONED, str(exc), requested_bytes=requested)
+            except (ImageError, ImageBusyError, OSError, VMReclaimError) as exc:
+                return Attempt("fence", FAILED, str(exc), requested_bytes=requested)
+            finally:
+                why = await session.release(fid)
+                frozen = time.monotonic() - sent_at
+                event(
+                    logging.DEBUG,
+                    "fence.released",
+                    vm=session.name,
+                    fence=fid,
+                    why=why,
+                    seconds=round(frozen, 4),
+                )
+        return Attempt(
+            "fence",
+            DONE,
+            f"fence {fid}: {len(verified)} re-verified ranges",
+            requested_bytes=requested,
+            verified_bytes=verified.total,
+            punched_bytes=report.punched_bytes,
+            freed_bytes=report.freed_bytes,
+            fence_seconds=frozen,
+        )
+
+    def _punch_live(self, info: VMInfo, disk: Disk, verified: RangeSet, lease: Lease) -> ReclaimReport:
+        """Inside the fence, on a worker thread: re-check, translate afresh, punch."""
+        lease.check()
+        self._check_block_jobs(info, disk)
+        with self.open_image(disk) as image:
+            ranges = verified.clip(ByteRange(0, image.virtual_size))
+            if not ranges:
+                return ReclaimReport(verified.total, 0, 0, [])
+            try:
+                fd = os.open(image.data_file.path, os.O_RDWR | os.O_CLOEXEC)
+            except OSError as exc:
+                raise ImageError(f"{image.data_file.path}: cannot open for punching: {exc.strerror}") from exc
+            try:
+                return self.pipeline.reclaim(disk, image, ranges, fd=fd, lease=lease)
+            finally:
+                os.close(fd)
+
+    # -- offline ---------------------------------------------------------------------------
+
+    async def _offline(self, disk: Disk, ranges: RangeSet) -> Attempt:
+        try:
+            report, verified, keep, note = await self._thread(self._punch_offline, disk, ranges)
+        except (Postponed, ImageBusyError) as exc:
+            return Attempt("offline", POSTPONED, str(exc), requested_bytes=ranges.total)
+        except (ImageError, OSError, VMReclaimError) as exc:
+            return Attempt("offline", FAILED, str(exc), requested_bytes=ranges.total)
+        return Attempt(
+            "offline",
+            DONE,
+            note,
+            requested_bytes=ranges.total,
+            verified_bytes=verified,
+            punched_bytes=report.punched_bytes if report else 0,
+            freed_bytes=report.freed_bytes if report else 0,
+            keep=keep,
+        )
+
+    def _punch_offline(self, disk: Disk, ranges: RangeSet) -> tuple[ReclaimReport | None, int, RangeSet, str]:
+        # Lock first, then read: no QEMU can start writing between our verification and
+        # our punch (it would see our locks and fail, as under a running VM it would).
+        with ExitStack() as stack:
+            fd = stack.enter_context(hold_for_writing(disk.path))
+            loop_dev = loop_device_of(disk.path)
+            if loop_dev is not None:
+                raise Postponed(f"{disk.path} is attached to {loop_dev}, which may be mounted")
+            image = stack.enter_context(self.open_image(disk))
+            if image.data_file.path != image.file.path:
+                fd = stack.enter_context(hold_for_writing(image.data_file.path))
+            asked = ranges.clip(ByteRange(0, image.virtual_size))
+            free, covered, skipped = offline_free_space(image)
+            verified = asked.intersect(free)
+            keep = asked.subtract(covered)
+            note = f"{verified.total} of {ranges.total} bytes verified free offline"
+            if skipped:
+                note += "; not verified: " + "; ".join(skipped)
+            if not verified:
+                return None, 0, keep, note
+            report = self.pipeline.reclaim(disk, image, verified, fd=fd)
+            return report, verified.total, keep, note
+
+
+def _allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
