@@ -254,6 +254,28 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_libvirt_enable(args: argparse.Namespace) -> int:
+    # Owned by the hypervisor work (issue 8): the libvirt driver's enable_channel.
+    from vmreclaim.plugins.hypervisors.libvirt import enable_channel
+
+    change = enable_channel(args.uri, args.domain, name=args.name, path=args.path, dry_run=args.dry_run)
+    if args.json:
+        _emit_json(
+            {"domain": change.domain, "changed": change.changed, "applied": change.applied,
+             "channel": change.channel_xml, "diff": change.diff}
+        )  # fmt: skip
+        return 0
+    if not change.changed:
+        print(f"{change.domain}: already has the {args.name} channel; nothing to change")
+        return 0
+    sys.stdout.write(change.diff)
+    if change.applied:
+        print(f"{change.domain}: channel {args.name} added to the persistent definition (from next start)")
+    else:
+        print(f"{change.domain}: dry run, nothing changed")
+    return 0
+
+
 # -- parser ------------------------------------------------------------------------------------
 
 
@@ -322,6 +344,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("agent", help="run the guest agent")
     p.add_argument("--config", type=Path, required=True)
     p.set_defaults(func=cmd_agent)
+
+    libvirt = sub.add_parser("libvirt", help="libvirt domains").add_subparsers(
+        dest="libvirt_command", metavar="SUBCOMMAND", required=True
+    )
+    p = libvirt.add_parser("enable", help="add the vmreclaim channel to a domain's persistent definition")
+    p.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")
+    p.add_argument("--uri", default="qemu:///system", help="libvirt connection URI (default: qemu:///system)")
+    p.add_argument("--name", default="org.vmreclaim.0", help="virtio-serial port name")
+    p.add_argument("--path", default=None, help="host socket path (default: chosen by libvirt)")
+    p.add_argument("--dry-run", action="store_true", help="print the change, do not make it")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_libvirt_enable)
 
     p = sub.add_parser("status", help="ask the running host daemon what it has reclaimed")
     p.add_argument("--json", action="store_true")

@@ -402,7 +402,7 @@ class GuestSpec:
   <on_crash>destroy</on_crash>
   <devices>
     <emulator>{escape(shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64")}</emulator>{disks}
-    <filesystem type='mount' accessmode='squash'>
+    <filesystem type='mount' accessmode='squash' multidevs='remap'>
       <source dir='/'/>
       <target dir='{HOSTROOT_TAG}'/>
       <readonly/>
@@ -656,4 +656,77 @@ __all__ = [
     "installed_kernel",
     "make_ext4_image",
     "running_guest",
+    "system_libvirtd",
 ]
+
+
+# -- libvirtd for tests --------------------------------------------------------------------
+
+
+def _pid_alive(pidfile: Path) -> int | None:
+    try:
+        pid = int(pidfile.read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def _libvirt_answers(uri: str) -> bool:
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    try:
+        libvirt.open(uri).close()
+    except libvirt.libvirtError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def system_libvirtd(uri: str = "qemu:///system", timeout: float = 30.0) -> Iterator[str]:
+    """A libvirtd answering ``uri``: the one already running, or ``virtlogd -d`` and
+    ``libvirtd -d`` started here (no systemd) and stopped again on exit.
+
+    Only daemons this call started are stopped, by the pid in their pid file.
+    """
+    require_root()
+    require_tool("libvirtd", "virtlogd")
+    if _libvirt_answers(uri):
+        yield uri
+        return
+    started: list[int] = []
+    try:
+        if _pid_alive(Path("/run/virtlogd.pid")) is None:
+            run(["virtlogd", "-d"])
+            pid = _wait_pid(Path("/run/virtlogd.pid"), timeout)
+            started.append(pid)
+        run(["libvirtd", "-d"])
+        started.append(_wait_pid(Path("/run/libvirtd.pid"), timeout))
+        deadline = time.monotonic() + timeout
+        while not _libvirt_answers(uri):
+            if time.monotonic() > deadline:
+                raise GuestError(f"libvirtd did not answer {uri} within {timeout:.0f}s")
+            time.sleep(0.1)
+        yield uri
+    finally:
+        for pid in reversed(started):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+            for _ in range(100):
+                try:
+                    os.kill(pid, 0)
+                except OSError:
+                    break
+                time.sleep(0.05)
+
+
+def _wait_pid(pidfile: Path, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        pid = _pid_alive(pidfile)
+        if pid is not None:
+            return pid
+        if time.monotonic() > deadline:
+            raise GuestError(f"{pidfile} did not name a live process within {timeout:.0f}s")
+        time.sleep(0.05)
