@@ -69,7 +69,10 @@ def write_table(disk: Path, size: int, script: str) -> None:
         f.truncate(size)
     proc = subprocess.run(
         ["sfdisk", "-q", "--no-reread", "--no-tell-kernel", str(disk)],
-        input=script, capture_output=True, text=True, check=False,
+        input=script,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if proc.returncode:
         raise AssertionError(f"sfdisk failed: {proc.stderr}")
@@ -77,8 +80,17 @@ def write_table(disk: Path, size: int, script: str) -> None:
 
 def place(fs_image: Path, disk: Path, offset: int) -> None:
     """Copy a filesystem image into ``disk`` at ``offset``, keeping holes as holes."""
-    run(["dd", f"if={fs_image}", f"of={disk}", "bs=64K", f"seek={offset // 65536}",
-         "conv=notrunc,sparse", "status=none"])
+    run(
+        [
+            "dd",
+            f"if={fs_image}",
+            f"of={disk}",
+            "bs=64K",
+            f"seek={offset // 65536}",
+            "conv=notrunc,sparse",
+            "status=none",
+        ]
+    )
     fs_image.unlink()
 
 
@@ -111,8 +123,12 @@ def delete(disk: GuestDisk, names: list[str]) -> RangeSet:
     # One debugfs session for all removals (one process, one journal-less write-out).
     script = "\n".join(f"rm {n}" for n in names) + "\n"
     proc = subprocess.run(
-        ["debugfs", "-w", "-f", "-", disk.fs_spec], input=script, capture_output=True, text=True,
-        check=False, timeout=120,
+        ["debugfs", "-w", "-f", "-", disk.fs_spec],
+        input=script,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
     )
     if proc.returncode or "rm:" in proc.stderr:
         raise AssertionError(f"debugfs rm failed: {proc.stderr}")
@@ -147,8 +163,14 @@ def assert_files_intact(disk: GuestDisk, scratch: Path) -> None:
     """Every remaining file reads back byte-identical (``debugfs dump``)."""
     scratch.mkdir(exist_ok=True)
     script = "".join(f"dump {n} {scratch / n.strip('/').replace('/', '_')}\n" for n in disk.files)
-    subprocess.run(["debugfs", "-f", "-", disk.fs_spec], input=script, capture_output=True, text=True,
-                   check=True, timeout=120)
+    subprocess.run(
+        ["debugfs", "-f", "-", disk.fs_spec],
+        input=script,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     for name, data in disk.files.items():
         got = (scratch / name.strip("/").replace("/", "_")).read_bytes()
         assert got == data, f"{name} changed: {len(got)} bytes read back, {len(data)} written"
@@ -174,7 +196,9 @@ def to_host(guest: RangeSet, starts: np.ndarray, lengths: np.ndarray, offsets: n
     hi = np.searchsorted(gs, ends, side="left")
     counts = np.maximum(hi - lo, 0)
     ext = np.repeat(np.arange(starts.size), counts)
-    rng = np.repeat(lo, counts) + (np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts))
+    rng = np.repeat(lo, counts) + (
+        np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    )
     a = np.maximum(starts[ext], gs[rng])
     b = np.minimum(ends[ext], ge[rng])
     keep = b > a

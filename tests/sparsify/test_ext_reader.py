@@ -117,7 +117,9 @@ def test_journal_needing_recovery_is_refused(ext4: Path, capsys: pytest.CaptureF
     assert unchanged(ext4) == before
 
 
-def test_image_of_a_mounted_filesystem_is_refused(tmp_path: Path, ext4: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_image_of_a_mounted_filesystem_is_refused(
+    tmp_path: Path, ext4: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A copy taken while a (guest) kernel has the filesystem mounted and dirty."""
     require_root()
     from vmreclaim.testing.linux import loop_mounted
@@ -135,7 +137,9 @@ def test_image_of_a_mounted_filesystem_is_refused(tmp_path: Path, ext4: Path, ca
 @pytest.mark.parametrize(
     ("state", "message"), [(0, "not cleanly unmounted"), (3, "recorded errors"), (5, "not cleanly unmounted")]
 )
-def test_unclean_state_is_refused(ext4: Path, capsys: pytest.CaptureFixture[str], state: int, message: str) -> None:
+def test_unclean_state_is_refused(
+    ext4: Path, capsys: pytest.CaptureFixture[str], state: int, message: str
+) -> None:
     run(["debugfs", "-w", "-R", f"ssv state {state}", str(ext4)])
     code, err = sparsify(capsys, ext4)
     assert code == 4 and message in err
@@ -171,7 +175,9 @@ def test_bad_bitmap_checksum_is_refused(ext4: Path, capsys: pytest.CaptureFixtur
     assert ext4.stat().st_blocks == before_alloc
 
 
-def test_bitmap_freer_than_its_descriptor_is_refused(tmp_path: Path, files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bitmap_freer_than_its_descriptor_is_refused(
+    tmp_path: Path, files: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """ext2 has no checksums: the descriptor's free count is the only cross-check."""
     img = tmp_path / "ext2.img"
     mkfs(img, 32 * MIB, files, "ext2", "-b", "1024")
@@ -243,7 +249,9 @@ def test_garbage_with_ext_magic_is_not_an_ext_filesystem(tmp_path: Path) -> None
     img.write_bytes(bytes(data))
     proc = subprocess.run(
         [sys.executable, "-m", "vmreclaim", "image", "sparsify", str(img), "--json", "--dry-run"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert '"no supported filesystem signature found"' in proc.stdout

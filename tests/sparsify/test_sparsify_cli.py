@@ -29,7 +29,10 @@ GPT_TYPES = {
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "vmreclaim", "image", "sparsify", *args],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
 
 
@@ -79,7 +82,13 @@ def test_other_filesystems_are_listed_as_skipped(tmp_path: Path) -> None:
     doc = json.loads(proc.stdout)
     by_number = {f["partition"]: f for f in doc["filesystems"]}
     assert [by_number[i]["type"] for i in range(1, 8)] == [
-        "vfat", "ext4", "xfs", "btrfs", "ntfs", "swap", "crypto_LUKS2"
+        "vfat",
+        "ext4",
+        "xfs",
+        "btrfs",
+        "ntfs",
+        "swap",
+        "crypto_LUKS2",
     ]
     assert by_number[2]["skipped"] is None and by_number[2]["free_bytes"] > 30 * MIB
     assert by_number[2]["label"] == "root"

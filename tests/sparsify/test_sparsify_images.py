@@ -16,6 +16,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -115,10 +116,13 @@ def build_disk(tmp_path: Path, case: Case, files: dict[str, bytes]) -> GuestDisk
     return GuestDisk(disk, start, case.block, dict(files))
 
 
-def sparsify_cli(image: Path, *extra: str) -> tuple[int, dict[str, object] | str]:
+def sparsify_cli(image: Path, *extra: str) -> tuple[int, Any]:
     proc = subprocess.run(
         [sys.executable, "-m", "vmreclaim", "image", "sparsify", str(image), "--json", *extra],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     if proc.returncode:
         return proc.returncode, proc.stderr
@@ -143,7 +147,7 @@ def test_sparsify_frees_deleted_files(tmp_path: Path, case: Case) -> None:
     code, doc = sparsify_cli(image)
     assert code == 0, doc
     assert isinstance(doc, dict)
-    [fs] = [f for f in doc["filesystems"] if f["skipped"] is None]  # type: ignore[union-attr]
+    [fs] = [f for f in doc["filesystems"] if f["skipped"] is None]
     assert fs["type"] == case.fstype
     assert fs["block_size"] == case.cluster
     assert fs["start"] == disk.fs_offset
@@ -152,7 +156,7 @@ def test_sparsify_frees_deleted_files(tmp_path: Path, case: Case) -> None:
         assert fs["partition"] is None and fs["scheme"] == "none"
     else:
         assert fs["partition"] == (6 if case.layout == "logical" else 2 if case.layout == "gpt" else 1)
-    freed = int(doc["freed_bytes"])  # type: ignore[call-overload]
+    freed = int(doc["freed_bytes"])
     assert freed == before - allocated(image)
     assert freed >= 0.99 * expected, f"freed {freed} of {expected} punchable deleted bytes"
 

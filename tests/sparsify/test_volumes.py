@@ -190,8 +190,25 @@ def test_hostile_tables_never_escape_the_disk(
 def test_gpt_header_fields_are_bounded(tmp_path: Path) -> None:
     """A valid-CRC header announcing a huge entry array is refused before reading it."""
     header = bytearray(92)
-    struct.pack_into("<8sIIIIQQQQ16sQIII", header, 0, b"EFI PART", 0x10000, 92, 0, 0, 1,
-                     DISK // 512 - 1, 34, DISK // 512 - 34, b"\0" * 16, 2, 10**7, 128, 0)
+    struct.pack_into(
+        "<8sIIIIQQQQ16sQIII",
+        header,
+        0,
+        b"EFI PART",
+        0x10000,
+        92,
+        0,
+        0,
+        1,
+        DISK // 512 - 1,
+        34,
+        DISK // 512 - 34,
+        b"\0" * 16,
+        2,
+        10**7,
+        128,
+        0,
+    )
     struct.pack_into("<I", header, 16, zlib.crc32(bytes(header)))
     disk = write_disk(tmp_path / "t.img", {0: mbr([(0xEE, 1, DISK // 512 - 1)]), 512: bytes(header)})
     with pytest.raises(CorruptImageError, match="not a valid entry array"):
@@ -211,10 +228,24 @@ def test_lvm_physical_volume_is_detected_and_skipped(tmp_path: Path) -> None:
     with loop_device(pv) as dev:
         # No udev, no lvmetad, no device filter state kept: this PV exists only here.
         run(["pvcreate", "-q", "--config", "devices { use_devicesfile = 0 }", str(dev)])
-    run(["dd", f"if={pv}", f"of={disk}", "bs=1M", f"seek={start // MIB}", "conv=notrunc,sparse", "status=none"])
+    run(
+        [
+            "dd",
+            f"if={pv}",
+            f"of={disk}",
+            "bs=1M",
+            f"seek={start // MIB}",
+            "conv=notrunc,sparse",
+            "status=none",
+        ]
+    )
     [vol] = volumes(disk)
     assert vol.content == "LVM2_member"
     assert vol.skip_reason is not None and "LVM2 physical volume" in vol.skip_reason
-    proc = subprocess.run(["vmreclaim", "image", "sparsify", str(disk), "--json", "--dry-run"],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        ["vmreclaim", "image", "sparsify", str(disk), "--json", "--dry-run"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0 and "LVM2_member" in proc.stdout

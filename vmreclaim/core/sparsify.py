@@ -104,14 +104,25 @@ class SparsifyReport:
         from rich.table import Table
 
         table = Table(title=f"{self.image} ({self.format})")
-        for col, right in (("partition", False), ("start", True), ("size", True), ("type", False),
-                           ("block", True), ("free", True), ("status", False)):
+        for col, right in (
+            ("partition", False),
+            ("start", True),
+            ("size", True),
+            ("type", False),
+            ("block", True),
+            ("free", True),
+            ("status", False),
+        ):
             table.add_column(col, justify="right" if right else "left")
         for f in self.filesystems:
             v = f.volume
             table.add_row(
-                v.label, str(v.start), _human(v.length), f.type or "?",
-                str(f.block_size or ""), _human(f.free_bytes) if f.skipped is None else "",
+                v.label,
+                str(v.start),
+                _human(v.length),
+                f.type or "?",
+                str(f.block_size or ""),
+                _human(f.free_bytes) if f.skipped is None else "",
                 f"skipped: {f.skipped}" if f.skipped else "read",
             )
         console.print(table)
@@ -198,8 +209,14 @@ def _scan(image: Image, bar: _Progress) -> tuple[list[FilesystemResult], RangeSe
         det = found.detection
         if found.skip_reason is not None or found.reader is None or det is None:
             results.append(
-                FilesystemResult(volume, det.type if det else None, det.block_size if det else None, 0,
-                                 found.skip_reason, det.label if det else "")
+                FilesystemResult(
+                    volume,
+                    det.type if det else None,
+                    det.block_size if det else None,
+                    0,
+                    found.skip_reason,
+                    det.label if det else "",
+                )
             )
             continue
         space = found.reader.free_space(volume, det, bar.stage(f"{volume.label}: {det.type} bitmaps"))
@@ -209,7 +226,9 @@ def _scan(image: Image, bar: _Progress) -> tuple[list[FilesystemResult], RangeSe
                 "the end of the volume"
             )
         free = free.union(space.free.shift(volume.start))
-        results.append(FilesystemResult(volume, det.type, space.block_size, space.free.total, None, det.label))
+        results.append(
+            FilesystemResult(volume, det.type, space.block_size, space.free.total, None, det.label)
+        )
     return results, free
 
 
@@ -233,11 +252,21 @@ class _Progress:
 
             console = Console(stderr=True)
             if console.is_terminal:
-                from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+                from rich.progress import (
+                    BarColumn,
+                    Progress,
+                    TaskProgressColumn,
+                    TextColumn,
+                    TimeElapsedColumn,
+                )
 
                 self._bar = Progress(
-                    TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
-                    TimeElapsedColumn(), console=console, transient=False,
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    TaskProgressColumn(),
+                    TimeElapsedColumn(),
+                    console=console,
+                    transient=False,
                 )
 
     def __enter__(self) -> _Progress:

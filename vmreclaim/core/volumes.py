@@ -173,7 +173,9 @@ def _read_mbr(image: Image, entries: list[_MBREntry], size: int) -> list[Volume]
     for e in entries:
         if e.type in _MBR_EXTENDED_TYPES:
             continue
-        volumes.append(_partition(image, e.lba * SECTOR, e.sectors * SECTOR, e.slot + 1, "mbr", f"{e.type:#04x}", size))
+        volumes.append(
+            _partition(image, e.lba * SECTOR, e.sectors * SECTOR, e.slot + 1, "mbr", f"{e.type:#04x}", size)
+        )
     if extended:
         volumes += _read_logical(image, extended[0], size)
     if not volumes and not extended:
@@ -187,8 +189,7 @@ def _read_logical(image: Image, ext: _MBREntry, size: int) -> list[Volume]:
     ext_start, ext_end = ext.lba * SECTOR, (ext.lba + ext.sectors) * SECTOR
     if ext_end > size:
         raise CorruptImageError(
-            f"{where}: extended partition [{ext_start}, {ext_end}) lies past the end of the "
-            f"{size}-byte disk"
+            f"{where}: extended partition [{ext_start}, {ext_end}) lies past the end of the {size}-byte disk"
         )
     volumes: list[Volume] = []
     seen: set[int] = set()
@@ -269,8 +270,22 @@ def _read_gpt(image: Image, size: int, sector: int, problems: list[str]) -> list
 
 
 def _parse_gpt(image: Image, hdr: bytes, lba: int, size: int, sector: int) -> list[Volume]:
-    (_sig, _rev, hsize, hcrc, _res, my_lba, _alt, first_use, last_use, _guid, entries_lba, count, esize,
-     ecrc) = _GPT_HEADER.unpack_from(hdr)
+    (
+        _sig,
+        _rev,
+        hsize,
+        hcrc,
+        _res,
+        my_lba,
+        _alt,
+        first_use,
+        last_use,
+        _guid,
+        entries_lba,
+        count,
+        esize,
+        ecrc,
+    ) = _GPT_HEADER.unpack_from(hdr)
     if not 92 <= hsize <= sector:
         raise _InvalidGPT(f"header size {hsize} is not between 92 and {sector}")
     check = bytearray(hdr[:hsize])
@@ -298,8 +313,12 @@ def _parse_gpt(image: Image, hdr: bytes, lba: int, size: int, sector: int) -> li
         name = raw[56:128].decode("utf-16-le", errors="replace").split("\x00", 1)[0]
         type_guid = str(uuid.UUID(bytes_le=ptype))
         if last < first:
-            raise CorruptImageError(f"{where}: GPT entry {i + 1} ends (LBA {last}) before it starts (LBA {first})")
-        vol = _partition(image, first * sector, (last - first + 1) * sector, i + 1, "gpt", type_guid, size, name)
+            raise CorruptImageError(
+                f"{where}: GPT entry {i + 1} ends (LBA {last}) before it starts (LBA {first})"
+            )
+        vol = _partition(
+            image, first * sector, (last - first + 1) * sector, i + 1, "gpt", type_guid, size, name
+        )
         if vol.skip_reason is None and not first_use <= first <= last <= last_use:
             vol.skip_reason = f"GPT entry lies outside the usable LBAs [{first_use}, {last_use}]"
         volumes.append(vol)
@@ -317,7 +336,11 @@ def _mark_lvm(vol: Volume) -> None:
         label = head[i * SECTOR : (i + 1) * SECTOR]
         if label[:8] == b"LABELONE" and label[24:32] == b"LVM2 001":
             (pv_offset,) = struct.unpack_from("<I", label, 20)
-            pv_uuid = label[pv_offset : pv_offset + 32].decode("ascii", "replace") if pv_offset < SECTOR - 32 else ""
+            pv_uuid = (
+                label[pv_offset : pv_offset + 32].decode("ascii", "replace")
+                if pv_offset < SECTOR - 32
+                else ""
+            )
             vol.content = "LVM2_member"
             vol.skip_reason = (
                 f"LVM2 physical volume{f' {pv_uuid}' if pv_uuid else ''}: logical volumes are not "

@@ -74,9 +74,20 @@ INCOMPAT_CASEFOLD = 0x20000
 #: Incompatible features whose effect on block allocation we know: none of them changes
 #: what a clear bit in a block bitmap means.
 INCOMPAT_KNOWN = (
-    INCOMPAT_FILETYPE | INCOMPAT_RECOVER | INCOMPAT_META_BG | INCOMPAT_EXTENTS | INCOMPAT_64BIT
-    | INCOMPAT_MMP | INCOMPAT_FLEX_BG | INCOMPAT_EA_INODE | INCOMPAT_DIRDATA | INCOMPAT_CSUM_SEED
-    | INCOMPAT_LARGEDIR | INCOMPAT_INLINE_DATA | INCOMPAT_ENCRYPT | INCOMPAT_CASEFOLD
+    INCOMPAT_FILETYPE
+    | INCOMPAT_RECOVER
+    | INCOMPAT_META_BG
+    | INCOMPAT_EXTENTS
+    | INCOMPAT_64BIT
+    | INCOMPAT_MMP
+    | INCOMPAT_FLEX_BG
+    | INCOMPAT_EA_INODE
+    | INCOMPAT_DIRDATA
+    | INCOMPAT_CSUM_SEED
+    | INCOMPAT_LARGEDIR
+    | INCOMPAT_INLINE_DATA
+    | INCOMPAT_ENCRYPT
+    | INCOMPAT_CASEFOLD
 )
 
 # s_feature_ro_compat
@@ -100,9 +111,22 @@ RO_ORPHAN_PRESENT = 0x10000
 #: Read-only-compatible features we accept. ``has_snapshot`` (next3 snapshots keep
 #: snapshot data in blocks the plain bitmap may show free) is deliberately absent.
 RO_KNOWN = (
-    RO_SPARSE_SUPER | RO_LARGE_FILE | RO_BTREE_DIR | RO_HUGE_FILE | RO_GDT_CSUM | RO_DIR_NLINK
-    | RO_EXTRA_ISIZE | RO_QUOTA | RO_BIGALLOC | RO_METADATA_CSUM | RO_REPLICA | RO_READONLY
-    | RO_PROJECT | RO_SHARED_BLOCKS | RO_VERITY | RO_ORPHAN_PRESENT
+    RO_SPARSE_SUPER
+    | RO_LARGE_FILE
+    | RO_BTREE_DIR
+    | RO_HUGE_FILE
+    | RO_GDT_CSUM
+    | RO_DIR_NLINK
+    | RO_EXTRA_ISIZE
+    | RO_QUOTA
+    | RO_BIGALLOC
+    | RO_METADATA_CSUM
+    | RO_REPLICA
+    | RO_READONLY
+    | RO_PROJECT
+    | RO_SHARED_BLOCKS
+    | RO_VERITY
+    | RO_ORPHAN_PRESENT
 )
 #: What ext3 may use; anything beyond makes blkid (and we) call it ext4.
 _EXT3_INCOMPAT = INCOMPAT_FILETYPE | INCOMPAT_RECOVER | INCOMPAT_META_BG
@@ -284,7 +308,10 @@ class ExtReader(FilesystemReader):
         )
         if sb.incompat & INCOMPAT_JOURNAL_DEV:
             return Detection(
-                type="jbd", block_size=sb.block_size, label=sb.label, uuid=detection.uuid,
+                type="jbd",
+                block_size=sb.block_size,
+                label=sb.label,
+                uuid=detection.uuid,
                 skip_reason="ext3/ext4 external journal device: holds no files",
             )
         return detection
@@ -315,7 +342,9 @@ def _check_safe(sb: Superblock, volume: Volume, where: str) -> None:
             f"crashed guest); its block bitmaps may be stale, nothing was changed: {fix}"
         )
     if sb.state & STATE_ERROR:
-        raise UnsupportedImageError(f"{where}: {name} has recorded errors (s_state {sb.state:#x}): run e2fsck -f")
+        raise UnsupportedImageError(
+            f"{where}: {name} has recorded errors (s_state {sb.state:#x}): run e2fsck -f"
+        )
     if not sb.state & STATE_VALID or sb.state & STATE_ORPHANS:
         raise UnsupportedImageError(
             f"{where}: {name} was not cleanly unmounted (s_state {sb.state:#x}); its block bitmaps "
@@ -323,7 +352,9 @@ def _check_safe(sb: Superblock, volume: Volume, where: str) -> None:
         )
     unknown = sb.incompat & ~INCOMPAT_KNOWN
     if unknown:
-        raise UnsupportedImageError(f"{where}: {name} uses incompatible features {unknown:#x} this driver does not know")
+        raise UnsupportedImageError(
+            f"{where}: {name} uses incompatible features {unknown:#x} this driver does not know"
+        )
     if sb.ro_compat & ~RO_KNOWN:
         raise UnsupportedImageError(
             f"{where}: {name} uses read-only-compatible features {sb.ro_compat & ~RO_KNOWN:#x} "
@@ -414,7 +445,10 @@ class _Layout:
         """Which groups hold a superblock backup (``ext4_bg_has_super``)."""
         sb = self.sb
         if sb.compat & COMPAT_SPARSE_SUPER2:
-            return (groups == 0) | (groups == sb.backup_bgs[0]) | (groups == sb.backup_bgs[1])
+            backups: npt.NDArray[np.bool_] = (
+                (groups == 0) | (groups == sb.backup_bgs[0]) | (groups == sb.backup_bgs[1])
+            )
+            return backups
         if not sb.ro_compat & RO_SPARSE_SUPER:
             return np.ones(groups.shape, dtype=bool)
         powers = [0, 1]
@@ -588,10 +622,18 @@ class _Layout:
         if sb.block_size == 1024 and sb.first_data_block == 0:
             first = np.where(groups == 0, 1, first)  # 1 KiB bigalloc: the superblock is block 1
         has_super = self.has_super(groups)
-        starts = [np.array([0]), self.block_bitmap.astype(np.int64), self.inode_bitmap.astype(np.int64),
-                  self.inode_table.astype(np.int64)]
-        lengths = [np.array([sb.first_data_block + 1]), np.ones(self.groups, np.int64),
-                   np.ones(self.groups, np.int64), np.full(self.groups, self.inode_table_blocks, np.int64)]
+        starts = [
+            np.array([0]),
+            self.block_bitmap.astype(np.int64),
+            self.inode_bitmap.astype(np.int64),
+            self.inode_table.astype(np.int64),
+        ]
+        lengths = [
+            np.array([sb.first_data_block + 1]),
+            np.ones(self.groups, np.int64),
+            np.ones(self.groups, np.int64),
+            np.full(self.groups, self.inode_table_blocks, np.int64),
+        ]
         meta_bg = bool(sb.incompat & INCOMPAT_META_BG)
         old_desc = sb.first_meta_bg if meta_bg else self.desc_blocks + sb.reserved_gdt_blocks
         if meta_bg:

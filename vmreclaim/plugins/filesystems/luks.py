@@ -28,4 +28,6 @@ class LuksReader(FilesystemReader):
             return None
         (version,) = struct.unpack_from(">H", head, 6)
         uuid_text = head[168:208].split(b"\0", 1)[0].decode("ascii", "replace")
-        return Detection(f"crypto_LUKS{version}" if version in (1, 2) else "crypto_LUKS", None, uuid=uuid_text)
+        return Detection(
+            f"crypto_LUKS{version}" if version in (1, 2) else "crypto_LUKS", None, uuid=uuid_text
+        )

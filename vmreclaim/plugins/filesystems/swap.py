@@ -38,6 +38,8 @@ class SwapReader(FilesystemReader):
                 return Detection("swap", page, label, str(uuid.UUID(bytes=header[12:28])))
             if any(magic.startswith(m) for m in HIBERNATION_MAGICS):
                 return Detection(
-                    "swap", page, skip_reason="swap holding a hibernation image: the guest will resume from it"
+                    "swap",
+                    page,
+                    skip_reason="swap holding a hibernation image: the guest will resume from it",
                 )
         return None

@@ -33,6 +33,8 @@ class VfatReader(FilesystemReader):
         (serial,) = struct.unpack_from("<I", boot, serial_at)
         label = boot[label_at : label_at + 11].decode("ascii", "replace").strip()
         return Detection(
-            "vfat", bytes_per_sector * sectors_per_cluster or None,
-            "" if label == "NO NAME" else label, f"{serial >> 16:04X}-{serial & 0xFFFF:04X}",
+            "vfat",
+            bytes_per_sector * sectors_per_cluster or None,
+            "" if label == "NO NAME" else label,
+            f"{serial >> 16:04X}-{serial & 0xFFFF:04X}",
         )
