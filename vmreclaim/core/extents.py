@@ -10,9 +10,10 @@ cluster. The JSON shape is the ``image map`` contract of DESIGN.md section 8.
 from __future__ import annotations
 
 import enum
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -57,6 +58,88 @@ class Extent:
             "kind": self.kind.label,
             "offset": self.offset,
         }
+
+
+def _digits_width(values: Int64Array) -> int:
+    """Decimal digits of the largest value (values are never negative)."""
+    return len(str(int(values.max()))) if values.size else 1
+
+
+def _fill_digits(out: npt.NDArray[np.uint8], col: int, width: int, values: Int64Array) -> None:
+    """Write ``values`` right-aligned in ``out[:, col:col+width]`` as ASCII digits.
+
+    Leading positions stay 0 (padding); the last digit is always written, so 0 prints.
+    """
+    v = np.array(values, dtype=np.int64)
+    for j in range(col + width - 1, col - 1, -1):
+        digit = (v % 10 + 48).astype(np.uint8)
+        if j != col + width - 1:
+            digit[v == 0] = 0
+        out[:, j] = digit
+        v //= 10
+
+
+#: Rows rendered per piece by :meth:`ExtentMap.write_json` (fits a core's cache).
+_JSON_CHUNK = 1 << 15
+
+
+class _JsonLayout:
+    """Fixed-width byte rows of ``image map --json``; 0 bytes are padding."""
+
+    def __init__(self, start_width: int, length_width: int, offset_width: int) -> None:
+        labels = [f'"{label}"'.encode() for label in _KIND_LABELS]
+        kind_width = max(len(b) for b in labels)
+        pieces: list[bytes | int] = [
+            b'{"start": ',
+            start_width,
+            b', "length": ',
+            length_width,
+            b', "kind": ',
+            kind_width,
+            b', "offset": ',
+            offset_width,
+            b"},\n",
+        ]
+        self.width = sum(p if isinstance(p, int) else len(p) for p in pieces)
+        self.template = np.zeros(self.width, dtype=np.uint8)
+        self.fields: list[tuple[int, int]] = []
+        col = 0
+        for piece in pieces:
+            if isinstance(piece, int):
+                self.fields.append((col, piece))
+                col += piece
+            else:
+                self.template[col : col + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+                col += len(piece)
+        self.kind_table = np.zeros((len(labels), kind_width), dtype=np.uint8)
+        for i, label in enumerate(labels):
+            self.kind_table[i, : len(label)] = np.frombuffer(label, dtype=np.uint8)
+        self.null = np.zeros(offset_width, dtype=np.uint8)
+        self.null[-4:] = np.frombuffer(b"null", dtype=np.uint8)
+
+    def render(
+        self,
+        starts: Int64Array,
+        lengths: Int64Array,
+        kinds: npt.NDArray[np.uint8],
+        offsets: Int64Array,
+        *,
+        last: bool,
+    ) -> bytes:
+        """The rows of one chunk; ``offsets`` uses -1 for null."""
+        out = np.empty((starts.size, self.width), dtype=np.uint8)
+        out[:] = self.template
+        (sc, sw), (lc, lw), (kc, kw), (oc, ow) = self.fields
+        _fill_digits(out, sc, sw, starts)
+        _fill_digits(out, lc, lw, lengths)
+        out[:, kc : kc + kw] = self.kind_table[kinds]
+        nulls = offsets < 0
+        _fill_digits(out, oc, ow, np.where(nulls, 0, offsets))
+        if bool(nulls.any()):
+            out[nulls, oc : oc + ow] = self.null
+        if last:
+            out[-1, -2] = 0  # no comma after the last extent
+        return out.tobytes().translate(None, b"\0")  # drops the padding at C speed
 
 
 class ExtentMap:
@@ -135,6 +218,50 @@ class ExtentMap:
             for i in range(len(starts))
         ]
 
+    def write_json(self, stream: IO[str]) -> None:
+        """Write :meth:`to_json` as one JSON document, one extent per line.
+
+        ``image map --json`` of a fragmented 64 GiB image has hundreds of thousands of
+        extents; building a dict per extent and running the pure-Python indenting
+        encoder takes seconds. Here the decimal digits of every column are computed
+        with numpy in fixed-width byte rows, chunk by chunk on two threads (numpy
+        releases the GIL), and the padding is dropped with ``bytes.translate``.
+        """
+        n = len(self)
+        if not n:
+            stream.write("[]\n")
+            return
+        offsets = np.where(self.offsets == NO_OFFSET, -1, self.offsets)
+        layout = _JsonLayout(
+            _digits_width(self.starts), _digits_width(self.lengths), max(4, _digits_width(offsets))
+        )
+        bounds = [*range(0, n, _JSON_CHUNK), n]
+        jobs = list(itertools.pairwise(bounds))
+
+        def render(job: tuple[int, int]) -> bytes:
+            lo, hi = job
+            return layout.render(
+                self.starts[lo:hi], self.lengths[lo:hi], self.kinds[lo:hi], offsets[lo:hi], last=hi == n
+            )
+
+        if len(jobs) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                parts = list(pool.map(render, jobs))
+        else:
+            parts = [render(jobs[0])]
+        buffer = getattr(stream, "buffer", None)
+        if buffer is not None:
+            stream.flush()
+            buffer.write(b"[\n")
+            for part in parts:
+                buffer.write(part)
+            buffer.write(b"]\n")
+            buffer.flush()
+        else:
+            stream.write("[\n" + b"".join(parts).decode("ascii") + "]\n")
+
     def bytes_of(self, *kinds: ExtentKind) -> int:
         mask = np.isin(self.kinds, np.array(kinds, dtype=np.uint8))
         return int(self.lengths[mask].sum())
@@ -204,3 +331,29 @@ class ExtentMap:
         if bool((self.lengths <= 0).any()) or bool((self.starts[1:] != ends[:-1]).any()):
             raise CorruptImageError(f"{what}: map of {window} has gaps or overlaps")
 
+
+def trim_to_window(extents: ExtentMap, window: ByteRange) -> ExtentMap:
+    """Cut the first and last extents of an ordered, gap-free map to ``window``.
+
+    Drivers map whole clusters or blocks; only the two ends can stick out of the asked
+    window, so this is O(1) where :meth:`ExtentMap.clip` is O(n).
+    """
+    if not len(extents):
+        return extents
+    ends = extents.starts + extents.lengths
+    lo = int(np.searchsorted(ends, window.start, side="right"))
+    hi = int(np.searchsorted(extents.starts, window.end, side="left"))
+    starts = extents.starts[lo:hi].copy()
+    lengths = extents.lengths[lo:hi].copy()
+    offsets = extents.offsets[lo:hi].copy()
+    if starts.size:
+        cut = window.start - int(starts[0])
+        if cut > 0:
+            starts[0] += cut
+            lengths[0] -= cut
+            if offsets[0] != NO_OFFSET:
+                offsets[0] += cut
+        over = int(starts[-1] + lengths[-1]) - window.end
+        if over > 0:
+            lengths[-1] -= over
+    return ExtentMap(starts, lengths, extents.kinds[lo:hi], offsets)

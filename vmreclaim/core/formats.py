@@ -21,13 +21,14 @@ names the structure and the offset.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import stat
 import struct
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -74,9 +75,7 @@ class ImageFile:
     def read(self, offset: int, length: int, what: str) -> bytes:
         """``length`` bytes at ``offset``; ``what`` names the structure for errors."""
         if offset < 0 or length < 0 or length > MAX_STRUCTURE_READ:
-            raise CorruptImageError(
-                f"{self.path}: {what} at {offset:#x} has an impossible length {length}"
-            )
+            raise CorruptImageError(f"{self.path}: {what} at {offset:#x} has an impossible length {length}")
         if offset + length > self.size:
             raise CorruptImageError(
                 f"{self.path}: {what} at {offset:#x} (+{length:#x}) lies past end of file "
@@ -93,6 +92,66 @@ class ImageFile:
         """``count`` items of numpy ``dtype`` (e.g. ``'>u8'``) at ``offset``."""
         itemsize = np.dtype(dtype).itemsize
         return np.frombuffer(self.read(offset, count * itemsize, what), dtype=dtype)
+
+    def read_many(self, offsets: npt.NDArray[np.int64], length: int, what: str) -> npt.NDArray[np.uint8]:
+        """``length`` bytes at each of ``offsets``, as a ``(len(offsets), length)`` array.
+
+        For tables scattered through a file (qcow2 L2 tables, VHD block bitmaps): every
+        offset is bounds-checked at once, then runs of adjacent structures are read in
+        one ``pread`` each, so a contiguous layout costs one system call, not thousands.
+        """
+        offs = np.asarray(offsets, dtype=np.int64).reshape(-1)
+        out = np.empty((offs.size, length), dtype=np.uint8)
+        if not offs.size or not length:
+            return out
+        if length > MAX_STRUCTURE_READ:
+            raise CorruptImageError(
+                f"{self.path}: {what} at {int(offs[0]):#x} has an impossible length {length}"
+            )
+        bad = (offs < 0) | (offs > self.size - length)
+        if bool(bad.any()):
+            first = int(offs[int(np.argmax(bad))])
+            raise CorruptImageError(
+                f"{self.path}: {what} at {first:#x} (+{length:#x}) lies past end of file "
+                f"(size {self.size:#x})"
+            )
+        order = np.argsort(offs, kind="stable")
+        sorted_offs = offs[order]
+        # A new read starts wherever a structure does not begin where the previous ended,
+        # and after every MAX_STRUCTURE_READ bytes so one read stays bounded.
+        breaks = np.flatnonzero(sorted_offs[1:] != sorted_offs[:-1] + length) + 1
+        per_read = max(1, MAX_STRUCTURE_READ // length)
+        starts = np.unique(np.concatenate([[0], breaks, np.arange(0, offs.size, per_read)]))
+        ends = np.append(starts[1:], offs.size)
+        for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
+            data = self.read(int(sorted_offs[lo]), (hi - lo) * length, what)
+            out[order[lo:hi]] = np.frombuffer(data, dtype=np.uint8).reshape(hi - lo, length)
+        return out
+
+    def data_ranges(self, window: ByteRange) -> RangeSet:
+        """Host-allocated ranges of the file inside ``window`` (``SEEK_DATA``/``SEEK_HOLE``).
+
+        A block device is all data. Holes of a sparse file read as zeros.
+        """
+        if self.is_block_device:
+            return RangeSet([window.start], [window.end])
+        starts: list[int] = []
+        ends: list[int] = []
+        pos = window.start
+        while pos < min(window.end, self.size):
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after pos
+                    break
+                raise
+            if data >= window.end:
+                break
+            hole = os.lseek(self.fd, data, os.SEEK_HOLE)
+            starts.append(data)
+            ends.append(min(hole, window.end))
+            pos = hole
+        return RangeSet(starts, ends)
 
     def allocated_bytes(self) -> int:
         """Bytes the host filesystem has allocated for the file (``st_blocks``)."""
@@ -136,8 +195,19 @@ class Image(ABC):
         self.format_name = format_name
         #: The opened backing image, if any; drivers set it in their constructor.
         self.backing: Image | None = None
-        #: The capabilities of the driver that opened it (set by the core's opener).
-        self.capabilities = FormatCapabilities()
+        self._capabilities = FormatCapabilities()
+
+    @property
+    def capabilities(self) -> FormatCapabilities:
+        """The capabilities of the driver that opened it (set by the core's opener),
+        less those this particular image cannot offer (:meth:`deep_reclaim_refusal`)."""
+        if self._capabilities.deep_reclaim and self.deep_reclaim_refusal() is not None:
+            return replace(self._capabilities, deep_reclaim=False)
+        return self._capabilities
+
+    @capabilities.setter
+    def capabilities(self, value: FormatCapabilities) -> None:
+        self._capabilities = value
 
     # -- what every driver must answer ---------------------------------------------------
 
@@ -172,6 +242,7 @@ class Image(ABC):
 
     def check_punchable(self) -> None:
         """Raise an :class:`~vmreclaim.core.errors.ImageError` if punching is unsafe now."""
+        return None
 
     def backing_chain(self) -> list[str]:
         """Paths of the backing images, nearest first."""
@@ -199,9 +270,22 @@ class Image(ABC):
             "backing": self.backing_chain(),
         }
 
+    def refresh(self) -> None:
+        """Forget cached tables so that the next :meth:`map` reads them from the file.
+
+        A live caller calls it after raising its fence (DESIGN.md section 4, rule 4):
+        a mapping read before may be stale. Drivers with caches override it.
+        """
+        return None
+
+    def deep_reclaim_refusal(self) -> str | None:
+        """Why this image cannot take ``--deep`` although its driver can, or ``None``."""
+        return None
+
     def deep_discard(self, guest_ranges: RangeSet) -> None:
         """Release whole clusters in the image's metadata (capability ``deep_reclaim``)."""
-        raise UnsupportedImageError(f"{self.format_name} images have no deep reclaim mode")
+        reason = self.deep_reclaim_refusal() or f"{self.format_name} images have no deep reclaim mode"
+        raise UnsupportedImageError(f"{self.file.path}: {reason}")
 
     def read_compressed(self, start: int, length: int) -> bytes:
         """Guest bytes of a ``COMPRESSED`` extent; formats with compression override."""
@@ -217,9 +301,7 @@ class Image(ABC):
         """
         window = ByteRange(offset, length)
         if window.end > self.virtual_size:
-            raise UsageError(
-                f"read of {window} lies outside the {self.virtual_size}-byte virtual disk"
-            )
+            raise UsageError(f"read of {window} lies outside the {self.virtual_size}-byte virtual disk")
         out = bytearray(length)
         for ext in self.map(window):
             lo = ext.start - offset
