@@ -310,7 +310,12 @@ class LibvirtHypervisor(Hypervisor):
             return jobs
 
     def discard(self, vm: VMIdentity, disk: Disk, ranges: RangeSet) -> None:
-        """Discard through QEMU's block layer, on the disk's format node (HMP ``qemu-io``)."""
+        """Discard through QEMU's block layer with HMP ``qemu-io -d DEVICE``.
+
+        The device's own block backend is used (named by its QOM path): a second user of
+        the format node would need write permission, which the virtio-blk device does
+        not share. A flush follows, so the image's metadata is current on disk.
+        """
         conn = self._connection()
         with self._calls(f"discard on {disk.key}"):
             dom = self._lookup(conn, vm.name, vm.uuid)
@@ -318,25 +323,24 @@ class LibvirtHypervisor(Hypervisor):
                 raise HypervisorError(
                     f"libvirt domain {vm.name!r} is not running: nothing to discard through"
                 )
-            node = self._format_node(dom, disk)
-            import libvirt_qemu
-
+            device = self._qdev(dom, disk)
             for r in ranges:
-                reply = libvirt_qemu.qemuMonitorCommand(
-                    dom,
-                    f'qemu-io {node} "discard {r.start} {r.length}"',
-                    libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP,
-                )
-                if reply.strip():
-                    raise HypervisorError(
-                        f"QEMU refused discard {r} on node {node} of {disk.key}: {reply.strip()}"
-                    )
-            libvirt_qemu.qemuMonitorCommand(
-                dom, f'qemu-io {node} "flush"', libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
-            )
+                self._hmp(dom, disk, f'qemu-io -d {device} "discard {r.start} {r.length}"')
+            self._hmp(dom, disk, f'qemu-io -d {device} "flush"')
 
-    def _format_node(self, dom: Any, disk: Disk) -> str:
-        """The node name of the disk's top format layer, from QMP ``query-block``."""
+    @staticmethod
+    def _hmp(dom: Any, disk: Disk, command: str) -> None:
+        import libvirt_qemu
+
+        # HMP answers errors as text, not as a QMP error: any output is a failure.
+        reply = libvirt_qemu.qemuMonitorCommand(
+            dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+        )
+        if reply.strip():
+            raise HypervisorError(f"QEMU refused {command!r} on {disk.key}: {reply.strip()}")
+
+    def _qdev(self, dom: Any, disk: Disk) -> str:
+        """The QOM path of the device whose medium is the disk's image (``query-block``)."""
         import json
 
         import libvirt_qemu
@@ -344,11 +348,10 @@ class LibvirtHypervisor(Hypervisor):
         reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, '{"execute": "query-block"}', 0))
         for dev in reply.get("return", []):
             inserted = dev.get("inserted") or {}
-            if inserted.get("file") == str(disk.path):
-                node = inserted.get("node-name")
-                if node:
-                    return str(node)
-        raise HypervisorError(f"libvirt domain {dom.name()!r}: no QEMU block node holds {disk.path}")
+            files = {inserted.get("file"), (inserted.get("image") or {}).get("filename")}
+            if str(disk.path) in files and dev.get("qdev"):
+                return str(dev["qdev"])
+        raise HypervisorError(f"libvirt domain {dom.name()!r}: no QEMU device has {disk.path} inserted")
 
     # -- events ----------------------------------------------------------------------------
 
