@@ -137,7 +137,8 @@ class FilesystemEntry(StrictModel):
     """One guest filesystem the agent watches, and the disk identity it reports."""
 
     mount: Path
-    disk: str = Field(min_length=1)
+    #: The disk identity records carry; default: the virtual disk's serial number.
+    disk: str | None = Field(default=None, min_length=1, max_length=256)
 
 
 class AgentConfig(StrictModel):
@@ -148,6 +149,12 @@ class AgentConfig(StrictModel):
     spool: Path
     capture: CaptureConfig = Field(default_factory=lambda: CaptureConfig(driver="fsmap"))
     log_level: str = Field(default="info", pattern="^(debug|info|warning|error)$")
+    #: At start, report the space that is already free (reclaims existing garbage).
+    report_existing_free_space: bool = True
+    #: The agent keeps a fence's freeze at most this long, whatever the host asks.
+    fence_max_lease_seconds: float = Field(default=10.0, gt=0, le=60)
+    #: Unacknowledged records kept in the spool; the oldest are dropped beyond this.
+    spool_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
 
 
 CONFIG_KINDS: dict[str, type[StrictModel]] = {"host": HostConfig, "agent": AgentConfig}
