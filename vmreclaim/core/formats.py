@@ -45,6 +45,8 @@ _BLKGETSIZE64 = 0x80081272
 #: Reads of image structures are capped: no table of a supported format needs more in
 #: one piece, and a hostile header must not make us allocate gigabytes.
 MAX_STRUCTURE_READ = 256 * 1024 * 1024
+#: Above this many separate reads, :meth:`ImageFile.read_many` reads on two threads.
+_PARALLEL_READS = 2048
 
 
 class ImageFile:
@@ -123,9 +125,30 @@ class ImageFile:
         per_read = max(1, MAX_STRUCTURE_READ // length)
         starts = np.unique(np.concatenate([[0], breaks, np.arange(0, offs.size, per_read)]))
         ends = np.append(starts[1:], offs.size)
-        for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
-            data = self.read(int(sorted_offs[lo]), (hi - lo) * length, what)
-            out[order[lo:hi]] = np.frombuffer(data, dtype=np.uint8).reshape(hi - lo, length)
+        buf = np.empty((offs.size, length), dtype=np.uint8)
+        runs = list(zip(starts.tolist(), ends.tolist(), sorted_offs[starts].tolist(), strict=True))
+
+        def read_runs(part: list[tuple[int, int, int]]) -> None:
+            for lo, hi, at in part:
+                want = (hi - lo) * length
+                got = os.preadv(self.fd, [buf[lo:hi]], at)
+                if got != want:
+                    raise CorruptImageError(
+                        f"{self.path}: short read of {what} at {at:#x}: {got} of {want} bytes"
+                    )
+
+        if len(runs) >= _PARALLEL_READS:
+            # Thousands of small scattered reads (VHD bitmaps) are bound by system-call
+            # cost; two threads (os.preadv releases the GIL) nearly halve it.
+            from concurrent.futures import ThreadPoolExecutor
+
+            half = len(runs) // 2
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                for done in [pool.submit(read_runs, runs[:half]), pool.submit(read_runs, runs[half:])]:
+                    done.result()
+        else:
+            read_runs(runs)
+        out[order] = buf
         return out
 
     def data_ranges(self, window: ByteRange) -> RangeSet:
