@@ -1,5 +1,5 @@
-"""Helpers for the host daemon's tests: an in-process daemon over real sockets, files
-and SQLite, and scripted agents (:class:`vmreclaim.testing.host.AgentPeer`)."""
+"""Helpers for the host daemon's tests (imported as ``hosttest``): an in-process daemon
+over real sockets, files and SQLite, and scripted agents (``AgentPeer``)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from vmreclaim.core.config import HostConfig, load_config
 from vmreclaim.host.daemon import HostDaemon
@@ -48,11 +46,6 @@ class Site:
         extra.setdefault("reclaim", {"tick_seconds": 0.2, "retry_max_seconds": 1})
         path = host_config(self.root / "host.yaml", self.vms, **extra)
         return load_config(path, HostConfig)
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Site:
-    return Site(tmp_path)
 
 
 @asynccontextmanager
