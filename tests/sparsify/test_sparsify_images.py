@@ -96,8 +96,8 @@ _TABLES = {
 def require_format(fmt: str) -> None:
     require_tool("qemu-img")
     name = DRIVER[fmt]
-    if name not in {d.name for d in loader.installed("formats")}:
-        pytest.skip(f"no {name} format driver installed (issue 4)")
+    if name not in {d.name for d in loader.installed("formats") if d.error is None}:
+        pytest.skip(f"no working {name} format driver installed (issue 4)")
 
 
 def build_disk(tmp_path: Path, case: Case, files: dict[str, bytes]) -> GuestDisk:
@@ -157,7 +157,9 @@ def test_sparsify_frees_deleted_files(tmp_path: Path, case: Case) -> None:
     else:
         assert fs["partition"] == (6 if case.layout == "logical" else 2 if case.layout == "gpt" else 1)
     freed = int(doc["freed_bytes"])
-    assert freed == before - allocated(image)
+    # Measured by the core around the punch; the host filesystem may add an extent-tree
+    # block afterwards, so allow a few host blocks of difference.
+    assert abs(freed - (before - allocated(image))) <= 64 * 1024
     assert freed >= 0.99 * expected, f"freed {freed} of {expected} punchable deleted bytes"
 
     if case.fmt != "raw":

@@ -13,8 +13,11 @@ table:
 * **whole disk** — no valid table, or a boot-sector filesystem (FAT, NTFS) at sector 0
   whose boot code would otherwise be misread as partition entries.
 
-LVM2 physical volumes are recognised by their label and reported as skipped: following
-logical volumes needs a metadata parser we trust to punch by (see ``docs/sparsify.md``).
+LVM2 physical volumes are recognised by their label and reported as skipped. Following
+linear logical volumes needs an LVM metadata reader we would trust to punch by; the
+well-kept candidate, ``dissect.volume``, reads only the first metadata slot without
+checking the mda header or metadata checksums or the ring buffer's wrap-around, and is
+AGPL-3.0 (this project is Apache-2.0), so it is not used.
 
 Every number comes from the image and is untrusted: a partition that reaches past the
 end of the disk is skipped with the reason; two partitions that overlap, or a chain
@@ -24,6 +27,7 @@ because a block free in one filesystem may then be in use by another.
 
 from __future__ import annotations
 
+import itertools
 import struct
 import uuid
 import zlib
@@ -352,7 +356,7 @@ def _mark_lvm(vol: Volume) -> None:
 
 def _check_overlaps(image: Image, volumes: list[Volume]) -> None:
     ordered = sorted((v for v in volumes if v.length), key=lambda v: v.start)
-    for a, b in zip(ordered, ordered[1:], strict=False):
+    for a, b in itertools.pairwise(ordered):
         if b.start < a.end:
             raise CorruptImageError(
                 f"{image.file.path}: {a.label} [{a.start}, {a.end}) and {b.label} "

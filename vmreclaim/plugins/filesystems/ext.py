@@ -23,6 +23,11 @@ per *cluster* under ``bigalloc`` — where 0 means free. This driver
 
 The bitmaps become byte ranges with ``np.unpackbits`` and run detection in numpy, a few
 hundred groups per step, so a multi-terabyte filesystem costs seconds.
+
+Why not ``dissect.extfs``: it is a file reader (inodes, directories, extents) with no
+free-space or bitmap API, raises on bigalloc, assumes descriptors follow the superblock
+(no meta_bg), verifies no checksums, parses one structure at a time in Python, and is
+AGPL-3.0. What this driver needs is the allocation metadata, checked and vectorised.
 """
 
 from __future__ import annotations
