@@ -117,6 +117,7 @@ def test_journal_needing_recovery_is_refused(ext4: Path, capsys: pytest.CaptureF
     assert unchanged(ext4) == before
 
 
+@pytest.mark.root
 def test_image_of_a_mounted_filesystem_is_refused(
     tmp_path: Path, ext4: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

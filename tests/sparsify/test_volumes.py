@@ -215,6 +215,7 @@ def test_gpt_header_fields_are_bounded(tmp_path: Path) -> None:
         volumes(disk)
 
 
+@pytest.mark.root
 def test_lvm_physical_volume_is_detected_and_skipped(tmp_path: Path) -> None:
     require_root()
     require_tool("pvcreate")
