@@ -1,0 +1,648 @@
+"""Hypervisor ``qemu``: QEMU processes reached through their QMP sockets (qemu.qmp).
+
+For VMs started without libvirt: each configured VM names a QMP socket of its QEMU
+(``-qmp unix:PATH,server=on,wait=off``; give vmreclaim a monitor of its own, since a
+QMP socket serves one client at a time). ``qemu-storage-daemon`` works too: its exported
+block nodes are its disks.
+
+What QMP tells, per call (the connection is opened for each question and closed again,
+so the monitor is never held):
+
+* disks: ``query-block`` (devices and the image inserted in each), else, for a storage
+  daemon, ``query-named-block-nodes`` and ``query-block-exports``; the disk id is the
+  device's serial, else its qdev id, else the drive or node name;
+* running state: the QMP socket answers (the process holds the images open: a paused
+  VM counts as running) and ``query-status``;
+* block jobs: ``query-block-jobs`` and ``query-jobs``; a job that cannot be tied to a
+  disk is reported for every disk;
+* the channel: the ``virtserialport`` named ``org.vmreclaim.0`` (``qom-list``/``qom-get``)
+  and its chardev's socket (``query-chardev``). QEMU listening on it (``server=on``)
+  means the host connects (transport ``virtio-serial``); QEMU connecting means the
+  host listens (transport ``unix``).
+
+QMP does not say whether a drive passes discards. ``discard: auto`` reads the option
+from the QEMU process's own command line (the peer of the QMP socket,
+``SO_PEERCRED``): ``discard=unmap`` on the ``-drive`` or on both ``-blockdev`` nodes.
+
+Deep reclaim (capability ``discard``) discards through QEMU itself, so a qcow2 image
+releases whole clusters in its metadata: HMP ``qemu-io -d DEVICE`` on a VM's device,
+or, for a storage daemon, an NBD export of the node trimmed with ``qemu-io``.
+
+Every QMP, socket and ``OSError`` failure becomes a
+:class:`~vmreclaim.core.errors.HypervisorError` here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+import uuid as uuidlib
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar
+
+from pydantic import Field, field_validator
+from qemu.qmp import ExecuteError, QMPClient, QMPError
+
+from vmreclaim.core import loader
+from vmreclaim.core.config import StrictModel
+from vmreclaim.core.driver import DriverOptions
+from vmreclaim.core.errors import DriverError, DriverLoadError, HypervisorError, VMReclaimError
+from vmreclaim.core.hypervisors import (
+    ChannelSpec,
+    Hypervisor,
+    HypervisorCapabilities,
+    VMEvent,
+    VMEventCallback,
+    VMInfo,
+)
+from vmreclaim.core.model import Disk, VMIdentity
+from vmreclaim.core.ranges import RangeSet
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+CHANNEL_NAME = "org.vmreclaim.0"
+#: QEMU's block driver names → vmreclaim format driver names.
+FORMAT_NAMES = {"vpc": "vhd"}
+#: Block drivers that are protocols (the bytes of a file), not image formats.
+PROTOCOL_DRIVERS = {"file", "host_device", "host_cdrom"}
+
+
+class QemuDisk(StrictModel):
+    """Overrides for one disk of a QEMU VM, matched by the id QMP gives it."""
+
+    id: str = Field(min_length=1, max_length=256)
+    #: Whether QEMU passes this disk's discards to the image; ``auto``: read it from
+    #: the QEMU command line.
+    discard: bool | Literal["auto"] = "auto"
+
+
+class QemuVM(StrictModel):
+    name: str = Field(min_length=1, max_length=256)
+    uuid: str | None = None
+    #: QEMU's QMP socket (``-qmp unix:PATH,server=on,wait=off``).
+    qmp: Path
+    #: The channel, when it cannot be read from QEMU (no virtserialport, a tcp channel).
+    channel: dict[str, Any] | None = None
+    disks: list[QemuDisk] = Field(default_factory=list)
+
+
+class QemuOptions(DriverOptions):
+    vms: list[QemuVM] = Field(min_length=1)
+    #: The virtio-serial port name the agents use.
+    channel_name: str = Field(default=CHANNEL_NAME, min_length=1, max_length=255)
+    #: Transport of a port whose socket QEMU listens on (the host end connects).
+    connect_transport: str = "virtio-serial"
+    #: Transport of a port whose socket QEMU connects to (the host end listens).
+    listen_transport: str = "unix"
+    #: Seconds one QMP conversation may take.
+    timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    #: How often :meth:`QemuHypervisor.watch` looks for VMs that started or stopped.
+    poll_seconds: float = Field(default=2.0, gt=0, le=3600)
+
+    @field_validator("vms")
+    @classmethod
+    def _unique(cls, vms: list[QemuVM]) -> list[QemuVM]:
+        names = [v.name for v in vms]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"VM names must be unique; repeated: {', '.join(dup)}")
+        return vms
+
+
+@dataclass(frozen=True)
+class _Device:
+    """One disk as QEMU names it: for jobs, deep discard and logs."""
+
+    disk: Disk
+    names: frozenset[str]  # drive id, qdev id and path, node names of its chain
+    qdev: str | None  # QOM path of the device (None for a storage daemon's export)
+    node: str  # the top (format) node
+
+
+class QemuHypervisor(Hypervisor):
+    """QEMU VMs (and storage daemons) listed in the configuration, asked over QMP."""
+
+    Options = QemuOptions
+    options: QemuOptions
+    capabilities: ClassVar[HypervisorCapabilities] = HypervisorCapabilities(
+        block_jobs=True, live_state=True, events=True, discard=True
+    )
+
+    def __init__(self, options: DriverOptions | None = None) -> None:
+        super().__init__(options)
+        self._transports: dict[str, type[DriverOptions]] = {}
+        for name in {self.options.connect_transport, self.options.listen_transport}:
+            try:
+                self._transports[name] = loader.driver_class("transports", name).Options
+            except DriverError as exc:
+                raise DriverLoadError(f"qemu hypervisor: channel transport: {exc}") from exc
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="qemu-qmp", daemon=True)
+        self._thread.start()
+        self._known: dict[str, tuple[Disk, ...]] = {}
+        self._watch_stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def close(self) -> None:
+        self._watch_stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=self.options.poll_seconds + self.options.timeout_seconds)
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+        if not self._loop.is_running():
+            self._loop.close()
+
+    # -- QMP plumbing ----------------------------------------------------------------------
+
+    def _run(self, vm: QemuVM, what: str, work: Callable[[QMPClient], Awaitable[T]]) -> T:
+        """Run ``work`` on a fresh QMP connection to ``vm``; map every failure."""
+
+        async def conversation() -> T:
+            client = QMPClient(f"vmreclaim-{vm.name}")
+            await client.connect(str(vm.qmp))
+            try:
+                return await work(client)
+            finally:
+                with contextlib.suppress(QMPError, OSError, EOFError):
+                    await client.disconnect()
+
+        async def bounded() -> T:
+            return await asyncio.wait_for(conversation(), self.options.timeout_seconds)
+
+        coro: Coroutine[Any, Any, T] = bounded()
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        with self._errors(vm, what):
+            return future.result()
+
+    @contextlib.contextmanager
+    def _errors(self, vm: QemuVM, what: str) -> Iterator[None]:
+        where = f"QEMU {vm.name!r} (QMP {vm.qmp})"
+        try:
+            yield
+        except ExecuteError as exc:
+            raise HypervisorError(f"{where}: {what}: {exc.error_class}: {exc}") from exc
+        except QMPError as exc:
+            raise HypervisorError(f"{where}: {what}: {exc}") from exc
+        except TimeoutError as exc:
+            raise HypervisorError(
+                f"{where}: {what}: no answer within {self.options.timeout_seconds}s"
+            ) from exc
+        except (OSError, EOFError) as exc:
+            raise HypervisorError(f"{where}: {what}: {exc}") from exc
+
+    def _vm(self, identity: VMIdentity) -> QemuVM | None:
+        return next((v for v in self.options.vms if v.name == identity.name), None)
+
+    def _reachable(self, vm: QemuVM) -> bool:
+        """True when something listens on the QMP socket (the QEMU process is up)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(self.options.timeout_seconds)
+            try:
+                s.connect(str(vm.qmp))
+            except OSError:
+                return False
+        return True
+
+    # -- listing ---------------------------------------------------------------------------
+
+    def vms(self) -> list[VMInfo]:
+        return [self._info(vm) for vm in self.options.vms]
+
+    def refresh(self, vm: VMIdentity) -> VMInfo | None:
+        found = self._vm(vm)
+        return None if found is None else self._info(found)
+
+    def _info(self, vm: QemuVM) -> VMInfo:
+        identity = VMIdentity(vm.name, vm.uuid)
+        if not vm.qmp.exists() or not self._reachable(vm):
+            # Not running: the disks last seen (a stopped VM can still be reclaimed
+            # offline), and no channel.
+            return VMInfo(identity, running=False, disks=self._known.get(vm.name, ()))
+        state = self._run(vm, "describe the VM", lambda c: self._describe(c, vm))
+        disks = tuple(d.disk for d in state.devices)
+        self._known[vm.name] = disks
+        extra = {"qmp": str(vm.qmp), "status": state.status}
+        if state.pid is not None:
+            extra["pid"] = str(state.pid)
+        return VMInfo(
+            identity, running=True, disks=disks, channel=self._channel(vm, state.chardev), extra=extra
+        )
+
+    async def _describe(self, client: QMPClient, vm: QemuVM) -> _State:
+        try:
+            status = await _q(client, "query-status")
+        except ExecuteError:  # qemu-storage-daemon runs no guest
+            status = {"status": "storage-daemon"}
+        pid = _peer_pid(vm.qmp)
+        argv = _cmdline(pid) if pid is not None else []
+        devices = await _devices(client, vm, argv)
+        chardev = await _channel_chardev(client, self.options.channel_name)
+        return _State(str(status.get("status", "unknown")), pid, devices, chardev)
+
+    def _channel(self, vm: QemuVM, chardev: str | None) -> ChannelSpec | None:
+        if vm.channel is not None:
+            doc = dict(vm.channel)
+            driver = str(doc.pop("driver", ""))
+            try:
+                options = loader.driver_class("transports", driver).Options.model_validate(doc)
+            except (DriverError, ValueError) as exc:
+                raise HypervisorError(f"QEMU {vm.name!r}: configured channel: {exc}") from exc
+            return ChannelSpec(driver, options)
+        if chardev is None:
+            return None
+        filename = chardev.removeprefix("disconnected:")
+        if not filename.startswith("unix:"):
+            log.warning(
+                "QEMU %s: channel chardev %s is not a Unix socket; configure 'channel'", vm.name, chardev
+            )
+            return None
+        path, *flags = filename.removeprefix("unix:").split(",")
+        server = any(f in ("server", "server=on") for f in flags)
+        driver = self.options.connect_transport if server else self.options.listen_transport
+        model = self._transports[driver]
+        wanted: dict[str, Any] = {"path": path}
+        if "name" in model.model_fields:
+            wanted["name"] = self.options.channel_name
+        try:
+            return ChannelSpec(driver, model.model_validate(wanted))
+        except ValueError as exc:
+            raise HypervisorError(f"QEMU {vm.name!r}: channel options do not validate: {exc}") from exc
+
+    # -- safety questions ------------------------------------------------------------------
+
+    def block_jobs(self, vm: VMIdentity, disk: Disk) -> list[str]:
+        found = self._vm(vm)
+        if found is None or not self._reachable(found):
+            return []
+        return self._run(found, f"block jobs of {disk.key}", lambda c: self._jobs(c, found, disk))
+
+    async def _jobs(self, client: QMPClient, vm: QemuVM, disk: Disk) -> list[str]:
+        devices = await _devices(client, vm, [])
+        mine = next((d for d in devices if d.disk.id == disk.id), None)
+        if mine is None:
+            return [f"unknown (QEMU has no disk {disk.id!r} any more)"]
+        all_names = set().union(*(d.names for d in devices))
+        jobs = []
+        block_jobs = await _q(client, "query-block-jobs")
+        for job in block_jobs:
+            device = str(job.get("device", ""))
+            if device in mine.names or device not in all_names:
+                jobs.append(f"{job.get('type', 'job')} {device}".strip())
+        # Jobs that are not block jobs (snapshot-save, blockdev-create...) name no disk:
+        # they count for every disk.
+        seen = {str(j.get("device", "")) for j in block_jobs}
+        for job in await _q(client, "query-jobs"):
+            if job.get("id") in seen or job.get("status") in ("concluded", "null"):
+                continue
+            jobs.append(f"{job.get('type', 'job')} {job.get('id', '')}".strip())
+        return jobs
+
+    def discard(self, vm: VMIdentity, disk: Disk, ranges: RangeSet) -> None:
+        found = self._vm(vm)
+        if found is None or not self._reachable(found):
+            raise HypervisorError(f"QEMU {vm.name!r} is not running: nothing to discard through")
+        self._run(found, f"discard on {disk.key}", lambda c: self._discard(c, found, disk, ranges))
+
+    async def _discard(self, client: QMPClient, vm: QemuVM, disk: Disk, ranges: RangeSet) -> None:
+        devices = await _devices(client, vm, [])
+        mine = next((d for d in devices if d.disk.id == disk.id), None)
+        if mine is None:
+            raise HypervisorError(f"QEMU {vm.name!r} has no disk {disk.id!r}")
+        if mine.qdev is not None:
+            # The device's own block backend: the format node's write permission is
+            # not shared with a second user.
+            for r in ranges:
+                await _hmp(client, f'qemu-io -d {mine.qdev} "discard {r.start} {r.length}"', disk)
+            await _hmp(client, f'qemu-io -d {mine.qdev} "flush"', disk)
+            return
+        fuse = _fuse_mountpoint(_cmdline(_peer_pid(vm.qmp) or 0), mine.disk.id)
+        if fuse is not None:
+            _discard_through_fuse(fuse, mine.disk, ranges)
+            return
+        await self._discard_over_nbd(client, mine, ranges)
+
+    async def _discard_over_nbd(self, client: QMPClient, device: _Device, ranges: RangeSet) -> None:
+        """A storage daemon has no HMP: export the node over NBD for a moment and TRIM."""
+        qemu_io = shutil.which("qemu-io")
+        if qemu_io is None:
+            raise HypervisorError("deep discard over NBD needs qemu-io (package qemu-utils)")
+        export = f"vmreclaim-{uuidlib.uuid4().hex[:8]}"
+        with tempfile.TemporaryDirectory(prefix="vmreclaim-nbd-") as tmp:
+            sock = f"{tmp}/nbd.sock"
+            await _q(client, "nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+            try:
+                await _q(
+                    client,
+                    "block-export-add",
+                    {"type": "nbd", "id": export, "node-name": device.node, "name": export, "writable": True},
+                )
+                try:
+                    commands = [f"discard {r.start} {r.length}" for r in ranges] + ["flush"]
+                    args = [qemu_io, "-f", "raw", f"nbd+unix:///{export}?socket={sock}"]
+                    for cmd in commands:
+                        args += ["-c", cmd]
+                    proc = await asyncio.create_subprocess_exec(
+                        *args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+                    )
+                    out, _ = await proc.communicate()
+                    text = out.decode(errors="replace")
+                    if proc.returncode != 0 or "error" in text.lower():
+                        raise HypervisorError(f"NBD trim of {device.disk.key} failed: {text.strip()}")
+                finally:
+                    await _q(client, "block-export-del", {"id": export})
+            finally:
+                await _q(client, "nbd-server-stop")
+
+    # -- events ----------------------------------------------------------------------------
+
+    def watch(self, callback: VMEventCallback) -> None:
+        """Poll every ``poll_seconds`` for VMs whose QEMU appeared or went away."""
+        if self._watcher is not None:
+            raise HypervisorError("qemu hypervisor: watch() was already called")
+        up = {vm.name: self._reachable(vm) for vm in self.options.vms}
+
+        def poll() -> None:
+            while not self._watch_stop.wait(self.options.poll_seconds):
+                for vm in self.options.vms:
+                    now = self._reachable(vm)
+                    if now != up[vm.name]:
+                        up[vm.name] = now
+                        kind = "started" if now else "stopped"
+                        try:
+                            callback(VMEvent(VMIdentity(vm.name, vm.uuid), kind, f"QMP socket {vm.qmp}"))
+                        except Exception:  # a failing subscriber must not stop the poller
+                            log.exception("qemu event callback failed")
+
+        self._watcher = threading.Thread(target=poll, name="qemu-watch", daemon=True)
+        self._watcher.start()
+
+
+@dataclass(frozen=True)
+class _State:
+    status: str
+    pid: int | None
+    devices: list[_Device]
+    chardev: str | None
+
+
+# -- QMP queries -------------------------------------------------------------------------------
+
+
+async def _q(client: QMPClient, command: str, arguments: dict[str, Any] | None = None) -> Any:
+    """``execute`` typed as what QMP returns: JSON of a shape each caller knows."""
+    return await client.execute(command, arguments)
+
+
+async def _hmp(client: QMPClient, command: str, disk: Disk) -> None:
+    reply = await _q(client, "human-monitor-command", {"command-line": command})
+    # HMP reports failures as text, not as QMP errors: any output is a failure.
+    if str(reply).strip():
+        raise HypervisorError(f"QEMU refused {command!r} on {disk.key}: {str(reply).strip()}")
+
+
+async def _devices(client: QMPClient, vm: QemuVM, argv: list[str]) -> list[_Device]:
+    """Every disk of a QEMU VM (``query-block``) or storage daemon (exported nodes)."""
+    nodes = {n["node-name"]: n for n in await _q(client, "query-named-block-nodes", {"flat": True})}
+    overrides = {d.id: d.discard for d in vm.disks}
+    devices = []
+    for dev in await _q(client, "query-block"):
+        inserted = dev.get("inserted")
+        if not inserted or dev.get("type") == "cdrom" or (dev.get("removable") and not inserted.get("file")):
+            continue
+        qdev = dev.get("qdev") or None
+        drive = str(dev.get("device") or "")
+        serial = await _serial(client, qdev) if qdev else None
+        qdev_id = _qdev_id(qdev)
+        disk_id = serial or qdev_id or drive or str(inserted.get("node-name"))
+        devices.append(
+            _device(vm, disk_id, serial, qdev_id or drive, inserted, nodes, qdev, drive, argv, overrides)
+        )
+    if devices:
+        return devices
+    # A storage daemon: no devices; its exports are its disks.
+    for export in await _exports(client):
+        node = nodes.get(export.get("node-name", ""))
+        if node is None:
+            continue
+        disk_id = str(export.get("id") or node["node-name"])
+        devices.append(_device(vm, disk_id, None, None, node, nodes, None, "", argv, overrides))
+    return devices
+
+
+def _device(
+    vm: QemuVM,
+    disk_id: str,
+    serial: str | None,
+    target: str | None,
+    top: dict[str, Any],
+    nodes: dict[str, dict[str, Any]],
+    qdev: str | None,
+    drive: str,
+    argv: list[str],
+    overrides: dict[str, bool | Literal["auto"]],
+) -> _Device:
+    image = top.get("image") or {}
+    path = str(image.get("filename") or top.get("file") or "")
+    drv = str(top.get("drv", "raw"))
+    fmt = "raw" if drv in PROTOCOL_DRIVERS else FORMAT_NAMES.get(drv, drv)
+    chain = _chain(top, nodes)
+    override = overrides.get(disk_id, "auto")
+    discard = _discard_from_cmdline(argv, drive, chain) if override == "auto" else override
+    names = {disk_id, drive, path, *chain}
+    if qdev:
+        names |= {qdev, _qdev_id(qdev) or ""}
+    names.discard("")
+    return _Device(
+        disk=Disk(
+            vm=vm.name,
+            id=disk_id,
+            path=Path(path),
+            format=fmt,
+            passes_discards=discard,
+            serial=serial,
+            target=target,
+        ),
+        names=frozenset(names),
+        qdev=qdev,
+        node=str(top.get("node-name", "")),
+    )
+
+
+def _chain(top: dict[str, Any], nodes: dict[str, dict[str, Any]]) -> list[str]:
+    """Node names of the top node and the protocol node(s) holding the same file."""
+    name = str(top.get("node-name", ""))
+    path = top.get("file")
+    found = [name] if name else []
+    found += [
+        n
+        for n, node in nodes.items()
+        if n != name and node.get("file") == path and node.get("drv") in PROTOCOL_DRIVERS
+    ]
+    return found
+
+
+async def _serial(client: QMPClient, qdev: str) -> str | None:
+    # The serial is a property of the virtio-blk device, whose QOM path is the
+    # backend's parent (``/machine/peripheral/blk0/virtio-backend``).
+    for path in (qdev, qdev.rsplit("/", 1)[0]):
+        with contextlib.suppress(ExecuteError):
+            value = await _q(client, "qom-get", {"path": path, "property": "serial"})
+            if isinstance(value, str) and value:
+                return value
+    return None
+
+
+def _qdev_id(qdev: str | None) -> str | None:
+    """``/machine/peripheral/blk0/virtio-backend`` → ``blk0`` (anonymous devices: None)."""
+    if not qdev:
+        return None
+    parts = qdev.strip("/").split("/")
+    if len(parts) >= 3 and parts[1] == "peripheral":
+        return parts[2]
+    return None
+
+
+async def _exports(client: QMPClient) -> list[dict[str, Any]]:
+    try:
+        result: list[dict[str, Any]] = await _q(client, "query-block-exports")
+    except ExecuteError:
+        return []
+    return result
+
+
+async def _channel_chardev(client: QMPClient, name: str) -> str | None:
+    """The ``query-chardev`` filename of the virtserialport named ``name``, if any."""
+    label = None
+    for parent in ("/machine/peripheral", "/machine/peripheral-anon"):
+        try:
+            children = await _q(client, "qom-list", {"path": parent})
+        except ExecuteError:
+            continue
+        for child in children:
+            if child.get("type") != "child<virtserialport>":
+                continue
+            path = f"{parent}/{child['name']}"
+            if await _q(client, "qom-get", {"path": path, "property": "name"}) == name:
+                label = await _q(client, "qom-get", {"path": path, "property": "chardev"})
+                break
+        if label is not None:
+            break
+    if label is None:
+        return None
+    for chardev in await _q(client, "query-chardev"):
+        if chardev.get("label") == label:
+            return str(chardev.get("filename", ""))
+    return None
+
+
+def _fuse_mountpoint(argv: list[str], export_id: str) -> Path | None:
+    """The mount point of ``--export type=fuse,id=EXPORT_ID`` on a storage daemon's
+    command line (QMP does not tell where a FUSE export is mounted)."""
+    for opt, value in itertools.pairwise(argv):
+        if opt in ("--export", "-export"):
+            props = _options(value)
+            if props.get("type") == "fuse" and props.get("id") == export_id and props.get("mountpoint"):
+                return Path(str(props["mountpoint"]))
+    return None
+
+
+def _discard_through_fuse(mountpoint: Path, disk: Disk, ranges: RangeSet) -> None:
+    """QEMU's FUSE export turns ``fallocate(PUNCH_HOLE)`` on its file into a discard of
+    the node, so the qcow2 layer releases the clusters itself."""
+    from vmreclaim.core.punch import punch_holes
+
+    try:
+        fd = os.open(mountpoint, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            punch_holes(fd, ranges, path=f"{mountpoint} (FUSE export of {disk.key})")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise HypervisorError(f"discard through FUSE export {mountpoint} of {disk.key}: {exc}") from exc
+    except VMReclaimError as exc:
+        raise HypervisorError(f"discard through FUSE export of {disk.key}: {exc}") from exc
+
+
+# -- the QEMU command line (for discard=) --------------------------------------------------------
+
+
+def _peer_pid(qmp: Path) -> int | None:
+    """The pid of the process listening on the QMP socket (``SO_PEERCRED``)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(qmp))
+            raw = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return None
+    pid, _uid, _gid = struct.unpack("3i", raw)
+    return pid if pid > 0 else None
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def _discard_from_cmdline(argv: list[str], drive: str, chain: list[str]) -> bool:
+    """Whether ``-drive id=DRIVE`` says ``discard=unmap``, or every ``-blockdev`` node of
+    ``chain`` does (QEMU needs it on both the format and the protocol node)."""
+    blockdevs: dict[str, dict[str, Any]] = {}
+    for opt, value in itertools.pairwise(argv):
+        if opt in ("-drive", "--drive"):
+            props = _options(value)
+            if drive and props.get("id") == drive:
+                return _unmap(props.get("discard"))
+        elif opt in ("-blockdev", "--blockdev"):
+            props = _options(value)
+            _flatten_blockdev(props, blockdevs)
+    if chain and all(n in blockdevs for n in chain):
+        return all(_unmap(blockdevs[n].get("discard")) for n in chain)
+    return False
+
+
+def _unmap(value: Any) -> bool:
+    return str(value) in ("unmap", "on")
+
+
+def _options(text: str) -> dict[str, Any]:
+    """QEMU's ``key=value,...`` (``,,`` escapes a comma) or JSON option syntax."""
+    if text.lstrip().startswith("{"):
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError:
+            return {}
+        return doc if isinstance(doc, dict) else {}
+    props: dict[str, Any] = {}
+    for part in text.replace(",,", "\0").split(","):
+        key, _, value = part.partition("=")
+        props[key.replace("\0", ",")] = value.replace("\0", ",")
+    return props
+
+
+def _flatten_blockdev(props: dict[str, Any], out: dict[str, dict[str, Any]]) -> None:
+    """Node name → options, nested JSON ``file`` nodes included."""
+    name = props.get("node-name")
+    if isinstance(name, str):
+        out[name] = props
+    child = props.get("file")
+    if isinstance(child, dict):
+        _flatten_blockdev(child, out)
