@@ -308,7 +308,7 @@ def test_a_running_vm_is_not_punched_when_block_jobs_cannot_be_known(site: Site)
             seq = await peer.send_record([(0, MiB)])
             await peer.wait_answered(seq)
             rt = daemon.disks["vm1/disk0"]
-            await eventually(lambda: rt.last_attempt is not None)
+            await eventually(lambda: rt.last_attempt is not None and not rt.busy)
             assert rt.last_attempt is not None
             assert "cannot report block jobs" in rt.last_attempt.detail
             assert peer.fences == []
