@@ -609,7 +609,7 @@ class HostDaemon:
         await self._db_call(
             self.store.finish, row, upto=snap.upto, remainder=stored, policy=(driver, self.policy.state())
         )
-        received = rt.pending.consume(snap, rid)
+        received = rt.pending.consume(snap, rid, remainder)
         t = rt.totals
         t.requested_bytes += attempt.requested_bytes
         t.verified_bytes += attempt.verified_bytes

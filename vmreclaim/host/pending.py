@@ -126,13 +126,16 @@ class PendingRanges:
         """The reclaim changed nothing: every record stays pending."""
         self._snapshot_upto = None
 
-    def consume(self, snap: Snapshot, remainder_id: int | None) -> list[float]:
-        """The reclaim handled ``snap``: drop its records, keep its remainder (stored as
-        record ``remainder_id``) and what arrived meanwhile.
+    def consume(
+        self, snap: Snapshot, remainder_id: int | None, remainder: RangeSet | None = None
+    ) -> list[float]:
+        """The reclaim handled ``snap``: drop its records, keep ``remainder`` (by default
+        the snapshot's; stored as record ``remainder_id``) and what arrived meanwhile.
 
         Returns the receive times of the records now fully handled (for the
         delete-to-freed histogram); none while part of them waits in the remainder.
         """
+        kept = snap.remainder if remainder is None else remainder
         done: list[float] = []
         while self._records and self._records[0][0] <= snap.upto:
             done.append(self._records.popleft()[1])
@@ -142,16 +145,16 @@ class PendingRanges:
         self._fresh_ranges = 0
         self._fresh_bytes = 0
         self._snapshot_upto = None
-        if snap.remainder and remainder_id is not None:
+        if kept and remainder_id is not None:
             oldest = min(done, default=snap.oldest_received)
             self._records.appendleft((remainder_id, oldest))
-            self._merged = snap.remainder
+            self._merged = kept
             done = []
         for rid, r in newer:
             self._fresh.append((rid, r))
             self._fresh_ranges += len(r)
             self._fresh_bytes += r.total
-        if self._records and remainder_id is not None and snap.remainder:
+        if self._records and remainder_id is not None and kept:
             # The remainder's id is newer than the records that arrived meanwhile;
             # keep the deque ordered by id for the next snapshot's ``upto``.
             self._records = deque(sorted(self._records))
