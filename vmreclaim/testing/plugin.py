@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from vmreclaim.testing.helpers import make_raw_image
+from vmreclaim.testing.host import host_daemon  # noqa: F401 - a fixture, registered by import
 
 
 @pytest.fixture
