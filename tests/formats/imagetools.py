@@ -204,7 +204,7 @@ class VhdSpec:
     size: int
     block_size: int = 2 * MiB
     blocks: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
-    creator: bytes = b"vpc "
+    creator: bytes = b"win "  # Hyper-V: the size is the footer's current size
     geometry: tuple[int, int, int] | None = None
     parent: Path | None = None
     parent_uid: bytes = b""
