@@ -219,8 +219,8 @@ HostMessage = Annotated[
     Welcome | Ack | Nack | Fence | Release | Trim | Ping | Error, Field(discriminator="type")
 ]
 
-_AGENT = TypeAdapter(AgentMessage)
-_HOST = TypeAdapter(HostMessage)
+_AGENT: TypeAdapter[Any] = TypeAdapter(AgentMessage)
+_HOST: TypeAdapter[Any] = TypeAdapter(HostMessage)
 
 
 def encode(message: _Message) -> bytes:
