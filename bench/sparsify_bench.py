@@ -7,7 +7,8 @@ deletes half of them with ``debugfs -w rm`` (their blocks keep their data, as in
 guest), converts the disk to qcow2, and gives each tool its own identical copy. For
 every tool the table shows wall time, host bytes freed (allocated blocks of the image
 before minus after; for ``convert``, of the original minus of the copy) and both as
-ratios to vmreclaim. Every result image is checked with ``qemu-img check``.
+ratios to vmreclaim. Every result image is checked with ``qemu-img check``, and the
+guest filesystem vmreclaim sparsified with ``e2fsck -fn``.
 
 virt-sparsify runs with ``LIBGUESTFS_BACKEND=direct`` and
 ``LIBGUESTFS_BACKEND_SETTINGS=force_tcg``: on the reference machine /dev/kvm cannot run
@@ -153,19 +154,39 @@ def run_convert(image: Path) -> Result:
     return Result("qemu-img convert (copy)", seconds, freed, "drops only all-zero clusters")
 
 
-def bench_case(case: Case, work: Path, tools: list[str], console: Console) -> list[Result]:
+def verify(image: Path) -> None:
+    """The sparsified guest filesystem is still consistent (``e2fsck -fn``)."""
+    raw = image.with_suffix(".check.raw")
+    sh(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image), str(raw)])
+    try:
+        sh(["e2fsck", "-fn", str(raw)])
+    finally:
+        raw.unlink()
+
+
+def bench_case(case: Case, work: Path, tools: list[str], repeat: int, console: Console) -> list[Result]:
+    """Each tool ``repeat`` times on a fresh copy; the fastest run counts (the machine is
+    shared, so the minimum is the least disturbed measurement)."""
     base = build(work, case, console)
     runners = {"vmreclaim": run_vmreclaim, "virt-sparsify": run_virt_sparsify, "convert": run_convert}
     results = []
     for tool in tools:
-        image = copy(base, work / f"{tool}.qcow2")
-        result = runners[tool](image)
-        sh(["qemu-img", "check", "-q", str(image)])
-        image.unlink()
+        runs = []
+        for i in range(repeat):
+            image = copy(base, work / f"{tool}.qcow2")
+            result = runners[tool](image)
+            sh(["qemu-img", "check", "-q", str(image)])
+            if tool == "vmreclaim" and i == 0:
+                verify(image)
+            image.unlink()
+            runs.append(result)
+        best = min(runs, key=lambda r: r.seconds)
+        assert len({r.freed // MIB for r in runs}) == 1, f"{tool} freed different amounts: {runs}"
         console.print(
-            f"({case.name}) {result.tool}: {result.seconds:.2f} s, freed {result.freed / MIB:.1f} MiB"
+            f"({case.name}) {best.tool}: best of {repeat} {best.seconds:.2f} s "
+            f"(all: {', '.join(f'{r.seconds:.2f}' for r in runs)}), freed {best.freed / MIB:.1f} MiB"
         )
-        results.append(result)
+        results.append(best)
     base.unlink()
     return results
 
@@ -200,11 +221,12 @@ def write_docs(blocks: list[tuple[Case, list[list[str]]]], command: str) -> None
     end = len(text) if end < 0 else end + 1
     lines = [text[start:].splitlines()[0], ""]
     lines += [
-        f"Command: `{command}` (about 15 minutes in all; the large case dominates).",
+        f"Command: `{command}` (a few minutes; building the large image dominates).",
         "",
         "Each case: an ext4 (4 KiB blocks) built with `mkfs.ext4 -d`, half of its files deleted",
         "with `debugfs -w rm` (their blocks keep their data, as in a guest), converted to qcow2,",
-        "and one identical copy per tool. Freed = allocated bytes of the image before minus",
+        "and a fresh identical copy for every run; each tool runs three times and its fastest",
+        "run counts (the machine is shared). Freed = allocated bytes of the image before minus",
         "after (for the convert, of the original minus of the copy). virt-sparsify runs with",
         "`LIBGUESTFS_BACKEND=direct LIBGUESTFS_BACKEND_SETTINGS=force_tcg`: /dev/kvm cannot run",
         "a guest on this machine, so its appliance boots under TCG. A copying `qemu-img convert`",
@@ -220,6 +242,17 @@ def write_docs(blocks: list[tuple[Case, list[list[str]]]], command: str) -> None
         lines.append("| --- | ---: | ---: | ---: | ---: | --- |")
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         lines.append("")
+    lines += [
+        "Reading: vmreclaim's time is mostly fixed cost — about 0.3 s of Python start-up and",
+        "imports, then a few tens of milliseconds reading the bitmaps, one `fallocate` per free",
+        "run (50,000 in the large case) and the `fsync` that makes the punches durable.",
+        "virt-sparsify's is dominated by booting its appliance under TCG. vmreclaim frees",
+        "slightly more: it punches whole 4 KiB host blocks inside qcow2 clusters that are only",
+        "partly free, which the guest's TRIM through QEMU's cluster-granular qcow2 discard",
+        "cannot release. A copying convert would free the deleted files only after something",
+        "zeroed their blocks (virt-sparsify's copying mode does that, at the cost of a full copy).",
+        "",
+    ]
     DOCS.write_text(text[:start] + "\n".join(lines) + "\n" + text[end:])
 
 
@@ -231,6 +264,7 @@ def main() -> int:
         default="vmreclaim,virt-sparsify,convert",
         help="comma-separated: vmreclaim, virt-sparsify, convert (vmreclaim first)",
     )
+    ap.add_argument("--repeat", type=int, default=3, help="runs per tool; the fastest counts")
     ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
     ap.add_argument("--write-docs", action="store_true", help=f"replace the section in {DOCS}")
     args = ap.parse_args()
@@ -250,7 +284,7 @@ def main() -> int:
     for name in CASES if args.case == "all" else [args.case]:
         case = CASES[name]
         with tempfile.TemporaryDirectory(dir=args.workdir, prefix=f"sparsify-{name}-") as tmp:
-            results = bench_case(case, Path(tmp), tools, console)
+            results = bench_case(case, Path(tmp), tools, args.repeat, console)
         t, rows = table(case, results)
         console.print(t)
         blocks.append((case, rows))

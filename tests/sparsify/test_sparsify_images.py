@@ -5,7 +5,7 @@ partition written by sfdisk), deletes half its files with ``debugfs -w rm``, con
 the disk with ``qemu-img convert``, sparsifies it, and proves: the free bytes found are
 exactly what ``dumpe2fs`` lists, the measured freed bytes reach 99 % of what the
 deleted files held (after the host-block granularity loss, computed from
-``qemu-img map``), ``qemu-img check`` and ``e2fsck -fn`` are clean, and every remaining
+``qemu-img map``), ``qemu-img check`` (qcow2) and ``e2fsck -fn`` are clean, and every remaining
 file reads back byte-identical.
 """
 
@@ -162,8 +162,9 @@ def test_sparsify_frees_deleted_files(tmp_path: Path, case: Case) -> None:
     assert abs(freed - (before - allocated(image))) <= 64 * 1024
     assert freed >= 0.99 * expected, f"freed {freed} of {expected} punchable deleted bytes"
 
-    if case.fmt != "raw":
+    if case.fmt == "qcow2":
         run(["qemu-img", "check", "-f", case.fmt, str(image)])
+    # (qemu-img has no check for VHD: converting it back below reads every block.)
     raw = to_raw(image, case.fmt, tmp_path / "check.raw")
     checked = GuestDisk(raw, disk.fs_offset, disk.block_size, disk.files)
     assert_fsck_clean(checked)
