@@ -167,9 +167,9 @@ class HostDaemon:
         totals = await self._db_call(self.store.totals)
         rejected = await self._db_call(self.store.rejected)
         self.rejected_total = sum(rejected.values())
-        records = await self._db_call(_all_pending, self.store)
-        for rec in records:
-            self.orphans.setdefault(rec.disk, PendingRanges()).add(rec.id, rec.received, rec.ranges)
+        loads = await self._db_call(self.store.pending_by_disk)
+        for key, load in loads.items():
+            self.orphans[key] = PendingRanges.loaded(load.ids, load.received, load.ranges)
         self._committer = Committer(
             self.store, self._db, self._committed, first_id=await self._db_call(self.store.max_record_id) + 1
         )
@@ -761,10 +761,6 @@ class HostDaemon:
                 else None
             ),
         }
-
-
-def _all_pending(store: DeletionStore) -> list[StoredRecord]:
-    return list(store.pending())
 
 
 async def _main(config: HostConfig) -> int:

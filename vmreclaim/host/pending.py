@@ -52,6 +52,14 @@ class PendingRanges:
 
     # -- adding --------------------------------------------------------------------------
 
+    @classmethod
+    def loaded(cls, ids: list[int], received: list[float], ranges: RangeSet) -> PendingRanges:
+        """The pending set of a disk as stored (ids ascending), in one piece."""
+        pending = cls()
+        pending._records.extend(zip(ids, received, strict=True))
+        pending._merged = ranges
+        return pending
+
     def add(self, rid: int, received: float, ranges: RangeSet) -> None:
         """A record (ids increase) became durable."""
         self._records.append((rid, received))

@@ -110,6 +110,15 @@ class StoredRecord:
     ranges: RangeSet
 
 
+@dataclass(frozen=True)
+class PendingLoad:
+    """The pending records of one disk at start-up: ids, receive times, their union."""
+
+    ids: list[int]
+    received: list[float]
+    ranges: RangeSet
+
+
 @dataclass
 class DiskTotals:
     """What has happened to one disk since it was first seen (the ``disks`` row)."""
@@ -189,6 +198,25 @@ class DeletionStore:
         cursor = self._db.execute("SELECT id, disk, seq, received, ranges FROM records ORDER BY id")
         for rid, disk, seq, received, blob in cursor:
             yield StoredRecord(rid, disk, seq, received, decode_ranges(blob, f"{self.path}: record {rid}"))
+
+    def pending_by_disk(self) -> dict[str, PendingLoad]:
+        """Every pending record, grouped by disk, decoded in bulk (start-up after a crash
+        with a large backlog must not cost one numpy call per record)."""
+        rows = self._db.execute("SELECT disk, id, received, ranges FROM records ORDER BY id").fetchall()
+        grouped: dict[str, tuple[list[int], list[float], list[bytes]]] = {}
+        for disk, rid, received, blob in rows:
+            ids, times, blobs = grouped.setdefault(disk, ([], [], []))
+            if len(blob) % 16:
+                raise VMReclaimError(
+                    f"{self.path}: record {rid}: ranges BLOB of {len(blob)} bytes is not whole pairs"
+                )
+            ids.append(rid)
+            times.append(received)
+            blobs.append(blob)
+        return {
+            disk: PendingLoad(ids, times, decode_ranges(b"".join(blobs), f"{self.path}: records of {disk}"))
+            for disk, (ids, times, blobs) in grouped.items()
+        }
 
     def totals(self) -> dict[str, DiskTotals]:
         names = [f.name for f in fields(DiskTotals)]
