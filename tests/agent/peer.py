@@ -107,9 +107,12 @@ class HostPeer:
         self.sock.bind(str(path))
         self.sock.listen(4)
 
-    def accept(self, timeout: float = 20.0) -> Conn:
+    def accept(self, timeout: float = 20.0, agent: AgentProcess | None = None) -> Conn:
         self.sock.settimeout(timeout)
-        conn, _ = self.sock.accept()
+        try:
+            conn, _ = self.sock.accept()
+        except TimeoutError:
+            raise AssertionError(f"the agent did not connect within {timeout}s:\n{agent.log if agent else ''}") from None
         conn.settimeout(None)
         return Conn(conn)
 
@@ -147,7 +150,9 @@ class AgentProcess:
         deadline = time.monotonic() + timeout
         while text not in self.log:
             if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"agent exited {self.proc.returncode} before logging {text!r}:\n{self.log}")
+                raise AssertionError(
+                    f"agent exited {self.proc.returncode} before logging {text!r}:\n{self.log}"
+                )
             if time.monotonic() > deadline:
                 raise AssertionError(f"agent did not log {text!r} within {timeout}s:\n{self.log}")
             time.sleep(0.05)

@@ -18,7 +18,11 @@ MAX_HELD = 10_000
 
 
 class HoldingHandler(logging.Handler):
-    """Passes records to ``target`` except while held."""
+    """Passes records to ``target`` except while held.
+
+    (``hold_output``/``release_output``, not ``release``: ``logging.Handler.release``
+    is the handler's lock, which ``handle`` calls after every record.)
+    """
 
     def __init__(self, target: logging.Handler) -> None:
         super().__init__()
@@ -28,11 +32,11 @@ class HoldingHandler(logging.Handler):
         self._dropped = 0
         self._mutex = threading.Lock()
 
-    def hold(self) -> None:
+    def hold_output(self) -> None:
         with self._mutex:
             self._held += 1
 
-    def release(self) -> None:
+    def release_output(self) -> None:
         with self._mutex:
             self._held = max(0, self._held - 1)
             if self._held:

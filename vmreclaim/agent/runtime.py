@@ -412,12 +412,12 @@ class Agent:
     def _hold(self) -> None:
         self.spool.hold()
         if self.logs is not None:
-            self.logs.hold()
+            self.logs.hold_output()
 
     def _release(self) -> None:
         self.spool.release()
         if self.logs is not None:
-            self.logs.release()
+            self.logs.release_output()
 
     # -- trims -----------------------------------------------------------------------------
 
