@@ -39,6 +39,8 @@ from vmreclaim.testing import make_disk, qemu_io_holding
 
 pytestmark = pytest.mark.qemu
 
+W2RU = 0x57327275  # parent locator: relative Windows path, UTF-16 LE
+
 
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -84,8 +86,8 @@ def test_punch_qcow2_frees_blocks_finer_than_a_cluster(full_qcow2: Path, capsys:
     blocks = allocated(img)
     # A single 4 KiB block inside a 64 KiB cluster, a cluster and a half, and an
     # unaligned range whose partial blocks must stay.
-    code, doc, err = cli(capsys, "image", "reclaim", str(img), "--range", f"{68 * KiB}:4096",
-                         "--range", f"{MiB}:{96 * KiB}", "--range", f"{3 * MiB + 100}:{8192}", "--json")  # fmt: skip
+    ranges = [f"{68 * KiB}:4096", f"{MiB}:{96 * KiB}", f"{3 * MiB + 100}:{8192}"]
+    code, doc, err = cli(capsys, "image", "reclaim", str(img), *[f"--range={r}" for r in ranges], "--json")
     assert code == 0, err
     assert doc["mode"] == "punch" and doc["requested_bytes"] == 4096 + 96 * KiB + 8192
     assert doc["punched_bytes"] == 4096 + 96 * KiB + 4096  # one whole block of the unaligned range
@@ -254,8 +256,8 @@ def test_punch_vhd_inside_a_block(tmp_path: Path, capsys: Any, subformat: str) -
     size = our_map(img, "vhd").lengths.sum()
     before = qemu_read(img, "vpc", 0, int(size))
     blocks = allocated(img)
-    code, doc, err = cli(capsys, "image", "reclaim", str(img), "--format", "vpc",
-                         "--range", f"{MiB + 8192}:4096", "--range", f"{4 * MiB}:{MiB}", "--json")  # fmt: skip
+    ranges = [f"--range={MiB + 8192}:4096", f"--range={4 * MiB}:{MiB}"]
+    code, doc, err = cli(capsys, "image", "reclaim", str(img), "--format", "vpc", *ranges, "--json")
     assert code == 0, err
     # QEMU puts a dynamic block's data 512 bytes after its bitmap, so its host offsets
     # are not 4 KiB aligned: only whole host blocks inside the ranges can go.
@@ -275,7 +277,7 @@ def test_differencing_vhd_punches_the_child_never_the_parent(tmp_path: Path, cap
         size, parent_uid = p.virtual_size, p.footer.unique_id  # type: ignore[attr-defined]
     data = pattern(2 * MiB, 5)
     child = write_vhd(tmp_path / "child.vhd", VhdSpec(
-        size=size, parent=parent, parent_uid=parent_uid, locators=[(0x57327275, "parent.vhd".encode("utf-16-le"))],
+        size=size, parent=parent, parent_uid=parent_uid, locators=[(W2RU, "parent.vhd".encode("utf-16-le"))],
         blocks={1: (bitmap_of(range(0, 2048)), data)}))  # fmt: skip
     parent_digest = digest(parent)
     with open_image(child) as image:
@@ -294,8 +296,8 @@ def test_differencing_vhd_punches_the_child_never_the_parent(tmp_path: Path, cap
 
 
 def test_vhd_with_saved_state_is_refused(tmp_path: Path, capsys: Any) -> None:
-    img = write_vhd(tmp_path / "saved.vhd", VhdSpec(size=4 * MiB, saved_state=True,
-                                                    blocks={0: (b"\xff" * 512, pattern(2 * MiB, 1))}))  # fmt: skip
+    spec = VhdSpec(size=4 * MiB, saved_state=True, blocks={0: (b"\xff" * 512, pattern(2 * MiB, 1))})
+    img = write_vhd(tmp_path / "saved.vhd", spec)
     d = digest(img)
     code, doc, _ = cli(capsys, "image", "map", str(img), "--json")
     assert code == 0 and doc[0]["kind"] == "data"

@@ -195,8 +195,9 @@ def test_bad_end_footer_maps_from_the_copy_but_is_not_punchable(tmp_path: Path, 
 
 def test_missing_parent_and_wrong_parent_are_refused(tmp_path: Path) -> None:
     parent = write_vhd(tmp_path / "parent.vhd", VhdSpec(size=2 * MiB))
-    child = write_vhd(tmp_path / "child.vhd", VhdSpec(size=2 * MiB, parent=parent, parent_uid=b"\x01" * 16,
-                                                      locators=[(W2RU, "parent.vhd".encode("utf-16-le"))]))  # fmt: skip
+    locators = [(W2RU, "parent.vhd".encode("utf-16-le"))]
+    spec = VhdSpec(size=2 * MiB, parent=parent, parent_uid=b"\x01" * 16, locators=locators)
+    child = write_vhd(tmp_path / "child.vhd", spec)
     with pytest.raises(CorruptImageError, match="unique id"):
         open_image(child)
     parent.unlink()

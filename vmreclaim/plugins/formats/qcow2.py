@@ -36,6 +36,7 @@ import numpy.typing as npt
 
 from vmreclaim.core.errors import (
     CorruptImageError,
+    DriverError,
     ImageBusyError,
     ImageError,
     UnsupportedImageError,
@@ -564,8 +565,9 @@ class Qcow2Image(Image):
         return (np.concatenate(plain) if plain else empty, np.concatenate(packed) if packed else empty)
 
     def _l2_offsets(self, l1: U64) -> I64:
-        offs = (l1 & np.uint64(hdr.L1E_OFFSET_MASK)).astype(np.int64)
-        return offs[offs != 0]
+        offs: I64 = (l1 & np.uint64(hdr.L1E_OFFSET_MASK)).astype(np.int64)
+        nonzero: I64 = offs[offs != 0]
+        return nonzero
 
     def _snapshot_l1s(self) -> list[U64]:
         return [
@@ -732,7 +734,7 @@ class Qcow2Format(ImageFormat):
                     )
                 try:
                     image.backing = opener(backing_path, h.backing_format or "")
-                except (UsageError, ImageError) as exc:
+                except (UsageError, ImageError, DriverError) as exc:
                     raise UnsupportedImageError(
                         f"{file.path}: qcow2 backing file {h.backing_file!r} cannot be opened: {exc}"
                     ) from exc
@@ -745,6 +747,8 @@ class Qcow2Format(ImageFormat):
 
 def _resolve(directory: Path, name: str, image: Path, what: str) -> Path:
     """A file named in an image header, relative to the image's directory as QEMU does."""
+    if "\0" in name or not name:
+        raise CorruptImageError(f"{image}: qcow2 {what} name {name!r} is empty or has a NUL byte")
     protocol = re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", name) is not None and not os.path.exists(name)
     if name.startswith("json:") or protocol:
         raise UnsupportedImageError(f"{image}: qcow2 {what} {name!r} is not a local file")

@@ -31,7 +31,13 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 import numpy.typing as npt
 
-from vmreclaim.core.errors import CorruptImageError, ImageError, UnsupportedImageError, UsageError
+from vmreclaim.core.errors import (
+    CorruptImageError,
+    DriverError,
+    ImageError,
+    UnsupportedImageError,
+    UsageError,
+)
 from vmreclaim.core.extents import NO_OFFSET, ExtentKind, ExtentMap, trim_to_window
 from vmreclaim.core.formats import FormatCapabilities, Image, ImageFile, ImageFormat, ImageOpener
 from vmreclaim.core.punch import host_block_size
@@ -190,7 +196,8 @@ def parse_dynamic_header(file: ImageFile, offset: int, footer: Footer) -> Dynami
         raise CorruptImageError(f"{where}: block size {block} is not a power of two in 512..{MAX_BLOCK_SIZE}")
     if entries * block < footer.virtual_size:
         raise CorruptImageError(
-            f"{where}: {entries} BAT entries of {block}-byte blocks cannot hold the {footer.virtual_size}-byte disk"
+            f"{where}: {entries} BAT entries of {block}-byte blocks cannot hold the "
+            f"{footer.virtual_size}-byte disk"
         )
     if entries > MAX_SECTORS * SECTOR // block + 1:
         raise CorruptImageError(f"{where}: {entries} BAT entries exceed the format's limit")
@@ -370,18 +377,9 @@ class VhdImage(Image):
         return result
 
     def _map_fixed(self, window: ByteRange) -> ExtentMap:
-        data = self.file.data_ranges(window)
-        holes = data.complement(window)
-        starts = np.concatenate([data.starts, holes.starts])
-        ends = np.concatenate([data.ends, holes.ends])
-        kinds = np.concatenate([np.full(len(data), ExtentKind.DATA), np.full(len(holes), ExtentKind.ZERO)])
-        offsets = np.concatenate([data.starts, np.full(len(holes), NO_OFFSET)])
-        order = np.argsort(starts, kind="stable")
-        result = ExtentMap(
-            starts[order], (ends - starts)[order], kinds[order].astype(np.uint8), offsets[order]
-        )
-        result.require_covers(window, f"{self.file.path}: VHD map")
-        return result
+        # Every guest byte of a fixed disk is stored at the same host offset. Holes in a
+        # sparse file still map as data (as QEMU reports them): punching one frees nothing.
+        return ExtentMap.single(window.start, window.length, ExtentKind.DATA, window.start)
 
     def _map_blocks(self, blocks: npt.NDArray[np.int64]) -> ExtentMap:
         """Rows for allocated ``blocks``: one per block whose bitmap is uniform, else one
@@ -483,10 +481,10 @@ def _parent_candidates(file: ImageFile, header: DynamicHeader) -> list[Path]:
             text = text.split("/")[-1]
         if text.startswith("./"):
             text = text[2:]
-        if text:
+        if text and "\0" not in text:
             path = Path(text)
             found.append(path if path.is_absolute() else directory / path)
-    if header.parent_name:
+    if header.parent_name and "\0" not in header.parent_name:
         found.append(directory / Path(header.parent_name.replace("\\", "/")).name)
     return found
 
@@ -498,7 +496,7 @@ def _open_parent(file: ImageFile, header: DynamicHeader, opener: ImageOpener) ->
             continue
         try:
             parent = opener(path, "vhd")
-        except (UsageError, ImageError) as exc:
+        except (UsageError, ImageError, DriverError) as exc:
             raise UnsupportedImageError(f"{file.path}: VHD parent {path} cannot be opened: {exc}") from exc
         if isinstance(parent, VhdImage) and parent.footer.unique_id != header.parent_id:
             parent.close()
