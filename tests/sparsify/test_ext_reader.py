@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vmreclaim.cli import main
-from vmreclaim.core.errors import CorruptImageError, ImageBusyError, UnsupportedImageError
+from vmreclaim.core.errors import CorruptImageError, ImageBusyError, UnsupportedImageError, VMReclaimError
 from vmreclaim.core.filesystems import identify
 from vmreclaim.core.image import open_image
 from vmreclaim.core.ranges import RangeSet
@@ -256,3 +258,49 @@ def test_garbage_with_ext_magic_is_not_an_ext_filesystem(tmp_path: Path) -> None
     )
     assert proc.returncode == 0, proc.stderr
     assert '"no supported filesystem signature found"' in proc.stdout
+
+
+# -- hostile metadata ------------------------------------------------------------------
+
+_FUZZ_FS: dict[str, tuple[bytes, RangeSet]] = {}
+
+
+def _pristine(kind: str, tmp: Path, files: Path) -> tuple[bytes, RangeSet]:
+    """A small filesystem (1 KiB blocks, many groups) and its true free set, cached."""
+    if kind not in _FUZZ_FS:
+        img = tmp / f"pristine-{kind}.img"
+        fstype, options = {
+            "ext4": ("ext4", ["-b", "1024", "-O", "^flex_bg"]),
+            "ext2": ("ext2", ["-b", "1024"]),
+        }[kind]
+        mkfs(img, 24 * MIB, files, fstype, *options)
+        _FUZZ_FS[kind] = (img.read_bytes(), free_space(img)[1])
+    return _FUZZ_FS[kind]
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    kind=st.sampled_from(["ext4", "ext2"]),
+    # Offsets inside the first groups' metadata: superblock, descriptors, reserved GDT,
+    # bitmaps and the start of the inode tables (1 KiB blocks).
+    flips=st.lists(st.tuples(st.integers(1024, 300 * 1024), st.integers(1, 255)), min_size=1, max_size=3),
+)
+def test_corrupted_metadata_never_frees_a_used_block(
+    tmp_path_factory: pytest.TempPathFactory, files: Path, kind: str, flips: list[tuple[int, int]]
+) -> None:
+    """Whatever bytes of the metadata change, the reader refuses (an image error) or
+    returns a free set inside the true one: corruption never makes a used block free.
+    ext4 has checksums; ext2 has only the count and layout cross-checks."""
+    tmp = tmp_path_factory.getbasetemp()
+    data, truth = _pristine(kind, tmp, files)
+    img = tmp / f"fuzz-{kind}.img"
+    damaged = bytearray(data)
+    for offset, xor in flips:
+        damaged[offset] ^= xor
+    img.write_bytes(bytes(damaged))
+    try:
+        _, free, _ = free_space(img)
+    except (VMReclaimError, AssertionError):
+        return  # refused, or not recognised as ext at all: nothing would be punched
+    extra = free - truth
+    assert not extra, f"{kind}: flips {flips} made {extra.total} used bytes look free: {extra!r}"

@@ -521,6 +521,25 @@ class _Layout:
                     f"{self.where}: group {g} descriptor puts its {name} at block {int(column[g])}, "
                     f"outside blocks [{sb.first_data_block}, {end})"
                 )
+        if not sb.incompat & INCOMPAT_FLEX_BG:
+            # Without flex_bg every group keeps its bitmaps and inode table inside itself
+            # (the kernel's ext4_check_descriptors insists on it too).
+            first = sb.first_data_block + np.arange(self.groups, dtype=np.uint64) * np.uint64(
+                sb.blocks_per_group
+            )
+            last = np.minimum(first + np.uint64(sb.blocks_per_group), np.uint64(end))
+            for name, column, length in (
+                ("block bitmap", self.block_bitmap, 1),
+                ("inode bitmap", self.inode_bitmap, 1),
+                ("inode table", self.inode_table, self.inode_table_blocks),
+            ):
+                bad = np.flatnonzero((column < first) | (column + np.uint64(length) > last))
+                if bad.size:
+                    g = int(bad[0])
+                    raise CorruptImageError(
+                        f"{self.where}: group {g} descriptor puts its {name} at block {int(column[g])}, "
+                        f"outside the group's blocks [{int(first[g])}, {int(last[g])}) (no flex_bg)"
+                    )
         if not sb.group_desc_csum:
             return
         groups = np.arange(self.groups, dtype=np.uint32)
@@ -575,7 +594,31 @@ class _Layout:
         base = sb.first_data_block * sb.block_size
         free_bytes = RangeSet(np.concatenate(starts) * unit + base, np.concatenate(ends) * unit + base)
         fs_bytes = sb.blocks_count * sb.block_size
-        return free_bytes.clip(ByteRange(0, fs_bytes)).subtract(self.metadata_bytes())
+        free_bytes = free_bytes.clip(ByteRange(0, fs_bytes))
+        metadata = self.metadata_bytes()
+        self._check_metadata_in_use(free_bytes, metadata)
+        return free_bytes.subtract(metadata)
+
+    def _check_metadata_in_use(self, free: RangeSet, metadata: RangeSet) -> None:
+        """An initialised bitmap always marks the layout's metadata in use. One that
+        shows a superblock, descriptor, bitmap or inode-table block free is not this
+        group's bitmap (a descriptor pointing at the wrong block, a stale copy): refuse,
+        even where no checksum could tell."""
+        sb = self.sb
+        uninit = np.flatnonzero(self.uninit).astype(np.int64)
+        first = (sb.first_data_block + uninit * sb.blocks_per_group) * sb.block_size
+        from_bitmaps = free.subtract(RangeSet(first, first + sb.blocks_per_group * sb.block_size))
+        clash = from_bitmaps.intersect(metadata)
+        if clash:
+            byte = int(clash.starts[0])
+            block = byte // sb.block_size
+            group = (block - sb.first_data_block) // sb.blocks_per_group
+            raise CorruptImageError(
+                f"{self.where}: block bitmap of group {group} (at block "
+                f"{int(self.block_bitmap[min(group, self.groups - 1)])}) marks metadata block {block} "
+                f"free ({clash.total} bytes of metadata in all): it cannot be the real bitmap; "
+                "run e2fsck -f"
+            )
 
     def _bitmap_batch(self, g0: int, g1: int, nbytes: int) -> npt.NDArray[np.uint8]:
         """Block bitmaps of groups ``[g0, g1)``; all zero (free) for BLOCK_UNINIT groups."""
