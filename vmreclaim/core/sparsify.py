@@ -132,7 +132,18 @@ class SparsifyReport:
             line += f", freed {_human(self.freed_bytes)} of host storage"
         console.print(f"{line} in {self.seconds:.2f} s")
         for reason, n in sorted(self.not_punched.items()):
-            console.print(f"  not punched ({reason}): {_human(n)}")
+            why = _REASONS.get(reason, reason)
+            console.print(f"  free but not punched: {_human(n)} {why}")
+
+
+#: What each skip reason of the reclaim plan means to someone reading the summary.
+_REASONS = {
+    "zero": "already reads as zeros (holes or zero clusters)",
+    "unallocated": "not stored in this image (holes, or data of its backing file)",
+    "partial-block": "shares a host block with data in use",
+    "shared": "in clusters shared with a snapshot",
+    "compressed": "in compressed clusters",
+}
 
 
 def _human(n: int) -> str:
