@@ -208,15 +208,26 @@ class QemuHypervisor(Hypervisor):
     def _vm(self, identity: VMIdentity) -> QemuVM | None:
         return next((v for v in self.options.vms if v.name == identity.name), None)
 
-    def _reachable(self, vm: QemuVM) -> bool:
-        """True when something listens on the QMP socket (the QEMU process is up)."""
+    def _probe(self, vm: QemuVM) -> int | None:
+        """``None`` when nothing listens on the QMP socket (the QEMU process is gone),
+        else the listener's pid (``SO_PEERCRED``; 0 if unknown).
+
+        One short connection, made *before* a QMP conversation and never during one: a
+        QMP socket serves one client at a time, and a connection left waiting in its
+        backlog upsets the next client.
+        """
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(self.options.timeout_seconds)
             try:
                 s.connect(str(vm.qmp))
+                raw = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             except OSError:
-                return False
-        return True
+                return None
+        pid, _uid, _gid = struct.unpack("3i", raw)
+        return max(int(pid), 0)
+
+    def _reachable(self, vm: QemuVM) -> bool:
+        return self._probe(vm) is not None
 
     # -- listing ---------------------------------------------------------------------------
 
@@ -229,11 +240,12 @@ class QemuHypervisor(Hypervisor):
 
     def _info(self, vm: QemuVM) -> VMInfo:
         identity = VMIdentity(vm.name, vm.uuid)
-        if not vm.qmp.exists() or not self._reachable(vm):
+        pid = self._probe(vm) if vm.qmp.exists() else None
+        if pid is None:
             # Not running: the disks last seen (a stopped VM can still be reclaimed
             # offline), and no channel.
             return VMInfo(identity, running=False, disks=self._known.get(vm.name, ()))
-        state = self._run(vm, "describe the VM", lambda c: self._describe(c, vm))
+        state = self._run(vm, "describe the VM", lambda c: self._describe(c, vm, pid))
         disks = tuple(d.disk for d in state.devices)
         self._known[vm.name] = disks
         extra = {"qmp": str(vm.qmp), "status": state.status}
@@ -243,16 +255,15 @@ class QemuHypervisor(Hypervisor):
             identity, running=True, disks=disks, channel=self._channel(vm, state.chardev), extra=extra
         )
 
-    async def _describe(self, client: QMPClient, vm: QemuVM) -> _State:
+    async def _describe(self, client: QMPClient, vm: QemuVM, pid: int) -> _State:
         try:
             status = await _q(client, "query-status")
         except ExecuteError:  # qemu-storage-daemon runs no guest
             status = {"status": "storage-daemon"}
-        pid = _peer_pid(vm.qmp)
-        argv = _cmdline(pid) if pid is not None else []
+        argv = _cmdline(pid) if pid else []
         devices = await _devices(client, vm, argv)
         chardev = await _channel_chardev(client, self.options.channel_name)
-        return _State(str(status.get("status", "unknown")), pid, devices, chardev)
+        return _State(str(status.get("status", "unknown")), pid or None, devices, chardev)
 
     def _channel(self, vm: QemuVM, chardev: str | None) -> ChannelSpec | None:
         if vm.channel is not None:
@@ -314,11 +325,12 @@ class QemuHypervisor(Hypervisor):
 
     def discard(self, vm: VMIdentity, disk: Disk, ranges: RangeSet) -> None:
         found = self._vm(vm)
-        if found is None or not self._reachable(found):
+        pid = None if found is None else self._probe(found)
+        if found is None or pid is None:
             raise HypervisorError(f"QEMU {vm.name!r} is not running: nothing to discard through")
-        self._run(found, f"discard on {disk.key}", lambda c: self._discard(c, found, disk, ranges))
+        self._run(found, f"discard on {disk.key}", lambda c: self._discard(c, found, pid, disk, ranges))
 
-    async def _discard(self, client: QMPClient, vm: QemuVM, disk: Disk, ranges: RangeSet) -> None:
+    async def _discard(self, client: QMPClient, vm: QemuVM, pid: int, disk: Disk, ranges: RangeSet) -> None:
         devices = await _devices(client, vm, [])
         mine = next((d for d in devices if d.disk.id == disk.id), None)
         if mine is None:
@@ -330,7 +342,7 @@ class QemuHypervisor(Hypervisor):
                 await _hmp(client, f'qemu-io -d {mine.qdev} "discard {r.start} {r.length}"', disk)
             await _hmp(client, f'qemu-io -d {mine.qdev} "flush"', disk)
             return
-        fuse = _fuse_mountpoint(_cmdline(_peer_pid(vm.qmp) or 0), mine.disk.id)
+        fuse = _fuse_mountpoint(_cmdline(pid) if pid else [], mine.disk.id)
         if fuse is not None:
             _discard_through_fuse(fuse, mine.disk, ranges)
             return
@@ -580,18 +592,6 @@ def _discard_through_fuse(mountpoint: Path, disk: Disk, ranges: RangeSet) -> Non
 
 
 # -- the QEMU command line (for discard=) --------------------------------------------------------
-
-
-def _peer_pid(qmp: Path) -> int | None:
-    """The pid of the process listening on the QMP socket (``SO_PEERCRED``)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(str(qmp))
-            raw = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        except OSError:
-            return None
-    pid, _uid, _gid = struct.unpack("3i", raw)
-    return pid if pid > 0 else None
 
 
 def _cmdline(pid: int) -> list[str]:
