@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from vmreclaim.core import loader
-from vmreclaim.core.errors import ImageBusyError, UsageError
+from vmreclaim.core.errors import ImageBusyError, VMReclaimError
 from vmreclaim.core.filesystems import FilesystemReader, ProgressCallback, identify
 from vmreclaim.core.formats import Image
 from vmreclaim.core.image import AUTO, open_image
@@ -232,9 +232,10 @@ def _scan(image: Image, bar: _Progress) -> tuple[list[FilesystemResult], RangeSe
             continue
         space = found.reader.free_space(volume, det, bar.stage(f"{volume.label}: {det.type} bitmaps"))
         if space.free and int(space.free.ends[-1]) > volume.length:
-            raise UsageError(
-                f"{image.file.path}: {volume.label}: the {found.name} driver reported free bytes past "
-                "the end of the volume"
+            # A driver bug, not a property of the image: refuse loudly (exit 1).
+            raise VMReclaimError(
+                f"{image.file.path}: {volume.label}: the {found.name} filesystem driver reported "
+                "free bytes past the end of the volume; nothing was punched"
             )
         free = free.union(space.free.shift(volume.start))
         results.append(
