@@ -238,11 +238,15 @@ def _decode(line: bytes, adapter: TypeAdapter[Any], sender: str) -> Any:
     if not isinstance(doc, dict) or not isinstance(doc.get("type"), str):
         raise ProtocolError(f"{sender} line is not a JSON object with a 'type'")
     try:
-        return adapter.validate_python(doc)
+        # Strict: a string or a bool is never taken for a number ("1" is not fence 1).
+        return adapter.validate_json(line, strict=True)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ProtocolError(f"{sender} {doc['type']!r} message: {where}: {first['msg']}") from None
+        if first["type"] == "union_tag_invalid":
+            expected = first.get("ctx", {}).get("expected_tags", "")
+            raise ProtocolError(f"{sender} message type {doc['type']!r} is unknown (expected {expected})") from None
+        where = ".".join(str(p) for p in first["loc"][1:])  # loc[0] is the tag itself
+        raise ProtocolError(f"{sender} {doc['type']!r} message: {where or '(message)'}: {first['msg']}") from None
 
 
 def decode_from_agent(line: bytes) -> Any:
