@@ -45,7 +45,7 @@ from vmreclaim.host.pending import PendingRanges, Snapshot
 from vmreclaim.host.reclaimer import POSTPONED, Attempt, Reclaimer
 from vmreclaim.host.session import AgentSession
 from vmreclaim.host.status import StatusServer
-from vmreclaim.host.store import DeletionStore, DiskTotals, ReclaimRow, StoredRecord
+from vmreclaim.host.store import DeletionStore, DiskTotals, Finish, ReclaimRow, StoredRecord
 
 T = TypeVar("T")
 
@@ -132,6 +132,7 @@ class HostDaemon:
         self._rescan_now = asyncio.Event()
         self._slots = asyncio.Semaphore(config.reclaim.parallel)
         self._stopping = False
+        self._saved_policy: dict[str, Any] | None = None
 
     @property
     def committer(self) -> Committer:
@@ -502,12 +503,13 @@ class HostDaemon:
             self._spawn(self._reclaim(rt), f"reclaim:{rt.disk.key}")
 
     def _save_policy_soon(self) -> None:
-        if self.store is not None and not self._stopping:
+        if self._committer is not None and not self._stopping:
             state = self.policy.state()
             if "threshold" in state and isinstance(state["threshold"], int | float):
                 self.metrics.threshold.set(state["threshold"])
-            store = self.store
-            self._spawn(self._db_call(store.save_policy, self.config.policy.driver, state), "save-policy")
+            if state != self._saved_policy:
+                self._saved_policy = state
+                self.committer.save_policy((self.config.policy.driver, state))
 
     # -- reclaiming --------------------------------------------------------------------------
 
@@ -522,8 +524,9 @@ class HostDaemon:
                     return
                 started = time.time()
                 attempt = await self._attempt(rt, snap)
-                await self._finish(rt, snap, attempt, started)
-                snap = None
+            # Bookkeeping waits for the database thread, not for a reclaim slot.
+            await self._finish(rt, snap, attempt, started)
+            snap = None
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -581,7 +584,7 @@ class HostDaemon:
             rt.pending.abandon()
             rt.failures += 1
             rt.retry_at = time.monotonic() + self._backoff(rt.failures)
-            await self._db_call(self.store.log_attempt, row)
+            self.committer.log_attempt(row)
             level = logging.INFO if attempt.outcome == POSTPONED else logging.WARNING
             event(
                 level,
@@ -606,9 +609,7 @@ class HostDaemon:
             except Exception as exc:
                 bug(f"policy {driver} failed to take feedback", exc)
         stored = StoredRecord(rid, disk.key, 0, snap.oldest_received, remainder) if rid is not None else None
-        await self._db_call(
-            self.store.finish, row, upto=snap.upto, remainder=stored, policy=(driver, self.policy.state())
-        )
+        await self.committer.finish(Finish(row, snap.upto, stored), (driver, self.policy.state()))
         received = rt.pending.consume(snap, rid, remainder)
         t = rt.totals
         t.requested_bytes += attempt.requested_bytes

@@ -3,23 +3,25 @@
 Sessions hand validated records to the :class:`Committer` and go on reading. One
 transaction commits at a time on the database thread; everything that arrives while it
 runs goes into the next one, so a fleet of agents costs one ``fsync`` per batch rather
-than one per record, and a lone agent still gets its ack within one commit's time. When
-a commit fails nothing of its batch is acknowledged (the agents keep the records in
-their spools and send them again).
+than one per record, and a lone agent still gets its ack within one commit's time. Reclaim
+outcomes ride in the same transactions. When a commit fails nothing of its batch is
+acknowledged (the agents keep the records in their spools and send them again).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Any
 
 from vmreclaim.core.model import DeletionRecord
 from vmreclaim.host.logs import event
-from vmreclaim.host.store import DeletionStore, StoredRecord
+from vmreclaim.host.store import DeletionStore, Finish, ReclaimRow, StoredRecord
 
 #: A batch holds at most this many records (bounded transaction size and latency).
 MAX_BATCH_RECORDS = 20_000
@@ -54,6 +56,9 @@ class Committer:
         self._on_committed = on_committed
         self._queue: list[Incoming] = []
         self._rejected: Counter[str] = Counter()
+        self._finishes: list[tuple[Finish, asyncio.Future[None]]] = []
+        self._attempts: list[ReclaimRow] = []
+        self._policy: tuple[str, dict[str, Any]] | None = None
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -92,36 +97,76 @@ class Committer:
         """Wait until everything submitted so far is committed (or failed)."""
         await self._idle.wait()
 
+    def finish(self, finish: Finish, policy: tuple[str, dict[str, Any]] | None) -> asyncio.Future[None]:
+        """Store a reclaim's outcome with the next batch; the future ends with its commit."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._finishes.append((finish, future))
+        if policy is not None:
+            self._policy = policy
+        self._idle.clear()
+        self._wake.set()
+        return future
+
+    def log_attempt(self, row: ReclaimRow, policy: tuple[str, dict[str, Any]] | None = None) -> None:
+        """Store an attempt that changed nothing with the next batch (no one waits)."""
+        self._attempts.append(row)
+        if policy is not None:
+            self._policy = policy
+        self._idle.clear()
+        self._wake.set()
+
+    def save_policy(self, policy: tuple[str, dict[str, Any]]) -> None:
+        """Store the policy's state with the next batch."""
+        self._policy = policy
+        self._idle.clear()
+        self._wake.set()
+
+    def _has_work(self) -> bool:
+        return bool(self._queue or self._rejected or self._finishes or self._attempts or self._policy)
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._queue or self._rejected:
+            while self._has_work():
                 batch = self._queue[:MAX_BATCH_RECORDS]
                 del self._queue[:MAX_BATCH_RECORDS]
                 rejected = dict(self._rejected)
                 self._rejected.clear()
+                finishes, self._finishes = self._finishes, []
+                attempts, self._attempts = self._attempts, []
+                policy, self._policy = self._policy, None
                 rows = [
                     StoredRecord(self.allocate_id(), i.key, i.record.seq, i.received, i.record.ranges)
                     for i in batch
                 ]
                 started = time.monotonic()
                 try:
-                    await loop.run_in_executor(self._db, self._store.append, rows, rejected)
+                    done = [f for f, _ in finishes]
+                    await loop.run_in_executor(
+                        self._db, self._store.write, rows, rejected, done, attempts, policy
+                    )
                 except Exception as exc:  # a full disk, an I/O error: nothing is acked
-                    event(40, "ingest.commit_failed", records=len(batch), error=str(exc))
+                    event(logging.ERROR, "ingest.commit_failed", records=len(batch), error=str(exc))
                     for item in batch:
                         item.done(None, exc)
+                    for _, future in finishes:
+                        if not future.done():
+                            future.set_exception(exc)
                     self._rejected.update(rejected)
                     await asyncio.sleep(0.5)
                 else:
                     self.commits += 1
                     self.last_commit_seconds = time.monotonic() - started
                     committed = [(item, row.id) for item, row in zip(batch, rows, strict=True)]
-                    self._on_committed(committed)
+                    if committed:
+                        self._on_committed(committed)
                     for item, rid in committed:
                         item.done(rid, None)
+                    for _, future in finishes:
+                        if not future.done():
+                            future.set_result(None)
                 finally:
                     self._backlog -= sum(len(i.record.ranges) for i in batch)
                     if self._backlog <= MAX_BACKLOG_RANGES // 2:

@@ -111,6 +111,16 @@ class StoredRecord:
 
 
 @dataclass(frozen=True)
+class Finish:
+    """A successful reclaim: records of ``row.disk`` up to ``upto`` are handled and
+    ``remainder`` (if any) is what of them is still pending."""
+
+    row: ReclaimRow
+    upto: int
+    remainder: StoredRecord | None = None
+
+
+@dataclass(frozen=True)
 class PendingLoad:
     """The pending records of one disk at start-up: ids, receive times, their union."""
 
@@ -251,24 +261,7 @@ class DeletionStore:
 
     def append(self, records: Sequence[StoredRecord], rejected: Mapping[str, int] = {}) -> None:
         """Store ``records`` and count ``rejected`` (per VM) in one durable transaction."""
-        per_disk: dict[str, list[int]] = {}
-        rows = []
-        for r in records:
-            total = r.ranges.total
-            rows.append((r.id, r.disk, r.seq, r.received, total, len(r.ranges), encode_ranges(r.ranges)))
-            acc = per_disk.setdefault(r.disk, [0, 0])
-            acc[0] += 1
-            acc[1] += total
-        with self._transaction():
-            self._db.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-            self._db.executemany(
-                "INSERT INTO disks (key, received_records, received_bytes) VALUES (?, ?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET "
-                "received_records = received_records + excluded.received_records, "
-                "received_bytes = received_bytes + excluded.received_bytes",
-                [(k, n, b) for k, (n, b) in per_disk.items()],
-            )
-            self._count(rejected)
+        self.write(records, rejected)
 
     def finish(
         self,
@@ -284,36 +277,71 @@ class DeletionStore:
         place, adds the attempt's bytes to the disk's totals and saves the policy state,
         all in one transaction: a crash leaves either the records or the totals.
         """
-        with self._transaction():
-            self._db.execute("DELETE FROM records WHERE disk = ? AND id <= ?", (row.disk, upto))
-            if remainder is not None and remainder.ranges:
-                r = remainder
-                self._db.execute(
-                    "INSERT INTO records VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (r.id, r.disk, r.seq, r.received, r.ranges.total, len(r.ranges), encode_ranges(r.ranges)),
-                )
-            self._db.execute("INSERT INTO disks (key) VALUES (?) ON CONFLICT (key) DO NOTHING", (row.disk,))
-            self._db.execute(
-                "UPDATE disks SET requested_bytes = requested_bytes + ?, "
-                "verified_bytes = verified_bytes + ?, punched_bytes = punched_bytes + ?, "
-                "freed_bytes = freed_bytes + ?, reclaims = reclaims + 1, last_reclaim = ? WHERE key = ?",
-                (
-                    row.requested_bytes,
-                    row.verified_bytes,
-                    row.punched_bytes,
-                    row.freed_bytes,
-                    row.finished,
-                    row.disk,
-                ),
-            )
-            self._log(row)
-            self._save_policy(policy)
+        self.write(finishes=[Finish(row, upto, remainder)], policy=policy)
 
     def log_attempt(self, row: ReclaimRow, policy: tuple[str, dict[str, Any]] | None = None) -> None:
         """Record an attempt that changed nothing (refused, postponed, failed)."""
+        self.write(attempts=[row], policy=policy)
+
+    def write(
+        self,
+        records: Sequence[StoredRecord] = (),
+        rejected: Mapping[str, int] = {},
+        finishes: Sequence[Finish] = (),
+        attempts: Sequence[ReclaimRow] = (),
+        policy: tuple[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """Everything the daemon has to remember since its last commit, in one durable
+        transaction (the committer's group commit)."""
+        per_disk: dict[str, list[int]] = {}
+        rows = []
+        for r in records:
+            total = r.ranges.total
+            rows.append((r.id, r.disk, r.seq, r.received, total, len(r.ranges), encode_ranges(r.ranges)))
+            acc = per_disk.setdefault(r.disk, [0, 0])
+            acc[0] += 1
+            acc[1] += total
         with self._transaction():
-            self._log(row)
+            if rows:
+                self._db.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                self._db.executemany(
+                    "INSERT INTO disks (key, received_records, received_bytes) VALUES (?, ?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET "
+                    "received_records = received_records + excluded.received_records, "
+                    "received_bytes = received_bytes + excluded.received_bytes",
+                    [(k, n, b) for k, (n, b) in per_disk.items()],
+                )
+            self._count(rejected)
+            for f in finishes:
+                self._finish(f)
+            for row in attempts:
+                self._log(row)
             self._save_policy(policy)
+
+    def _finish(self, f: Finish) -> None:
+        row = f.row
+        self._db.execute("DELETE FROM records WHERE disk = ? AND id <= ?", (row.disk, f.upto))
+        if f.remainder is not None and f.remainder.ranges:
+            r = f.remainder
+            self._db.execute(
+                "INSERT INTO records VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (r.id, r.disk, r.seq, r.received, r.ranges.total, len(r.ranges), encode_ranges(r.ranges)),
+            )
+        self._db.execute("INSERT INTO disks (key) VALUES (?) ON CONFLICT (key) DO NOTHING", (row.disk,))
+        self._db.execute(
+            "UPDATE disks SET requested_bytes = requested_bytes + ?, "
+            "verified_bytes = verified_bytes + ?, punched_bytes = punched_bytes + ?, "
+            "freed_bytes = freed_bytes + ?, reclaims = reclaims + 1, last_reclaim = ? WHERE key = ?",
+            (
+                row.requested_bytes,
+                row.verified_bytes,
+                row.punched_bytes,
+                row.freed_bytes,
+                row.finished,
+                row.disk,
+            ),
+        )
+        self._log(row)
 
     def save_policy(self, driver: str, state: dict[str, Any]) -> None:
         with self._transaction():
