@@ -246,6 +246,26 @@ def test_api_reclaim_and_busy_refusal(full_qcow2: Path) -> None:
         Pipeline().reclaim(make_disk(full_qcow2), image, RangeSet.from_ranges([(2 * MiB, MiB)]))
 
 
+def test_external_data_file_is_punched_and_locked(tmp_path: Path, capsys: Any) -> None:
+    img = qemu_img_create(tmp_path / "x.qcow2", 4 * MiB, data_file=str(tmp_path / "x.raw"))
+    qemu_io(img, "write -P 6 0 2M")
+    qcow2_digest = digest(img)
+    data = tmp_path / "x.raw"
+    with qemu_io_holding(img, "qcow2"):  # QEMU locks the data file as well
+        code, _, err = cli(capsys, "image", "reclaim", str(img), "--range", f"0:{MiB}", "--json")
+        assert code == 3, err
+    code, doc, err = cli(capsys, "image", "reclaim", str(img), "--range", f"{64 * KiB}:{MiB}", "--json")
+    assert code == 0, err
+    assert doc["punched_bytes"] == MiB and doc["freed_bytes"] > 0
+    assert digest(img) == qcow2_digest  # the metadata file is never written
+    content = data.read_bytes()
+    assert content[64 * KiB : 64 * KiB + MiB] == bytes(MiB)
+    assert content[: 64 * KiB] == b"\x06" * 64 * KiB and content[64 * KiB + MiB : 2 * MiB] == b"\x06" * (
+        MiB - 64 * KiB
+    )
+    qemu_check(img)
+
+
 # -- VHD -------------------------------------------------------------------------------------------
 
 

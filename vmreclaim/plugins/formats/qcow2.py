@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -231,6 +229,8 @@ class Qcow2Image(Image):
             return "encrypted qcow2 images have no deep reclaim mode (QEMU's tools would need the key)"
         if h.version == 2 and h.backing_file is not None:
             return "QEMU cannot discard clusters of a version 2 qcow2 image with a backing file"
+        import shutil  # deep mode only: keep `image map` start-up lean
+
         if shutil.which("qemu-io") is None:
             return "deep reclaim needs qemu-io (package qemu-utils), which is not installed"
         return None
@@ -261,6 +261,8 @@ class Qcow2Image(Image):
         self.refresh()
 
     def _qemu_io(self, commands: list[str]) -> None:
+        import subprocess  # deep mode only: keep `image map` start-up lean
+
         argv = ["qemu-io", "-f", "qcow2", "-d", "unmap", "-t", "none", str(self.file.path)]
         try:
             proc = subprocess.run(

@@ -26,7 +26,6 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import numpy as np
 import numpy.typing as npt
@@ -40,7 +39,6 @@ from vmreclaim.core.errors import (
 )
 from vmreclaim.core.extents import NO_OFFSET, ExtentKind, ExtentMap, trim_to_window
 from vmreclaim.core.formats import FormatCapabilities, Image, ImageFile, ImageFormat, ImageOpener
-from vmreclaim.core.punch import host_block_size
 from vmreclaim.core.ranges import ByteRange, RangeSet
 
 SECTOR = 512
@@ -300,6 +298,8 @@ class VhdImage(Image):
     @property
     def cluster_size(self) -> int:
         if self.header is None:
+            from vmreclaim.core.punch import host_block_size  # ctypes: only when asked
+
             return host_block_size(self.file.fd)  # a fixed disk allocates like a raw file
         return self.header.block_size
 
@@ -472,6 +472,8 @@ def _parent_candidates(file: ImageFile, header: DynamicHeader) -> list[Path]:
             continue
         raw = file.read(loc.offset, loc.length, "VHD parent locator")
         if loc.platform == MACX:
+            from urllib.parse import unquote, urlparse
+
             url = raw.decode("utf-8", "replace").rstrip("\0")
             text = unquote(urlparse(url).path) if url.startswith("file:") else url
         else:
