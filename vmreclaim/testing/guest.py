@@ -34,9 +34,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from xml.sax.saxutils import escape, quoteattr
 
 from vmreclaim.testing.helpers import require_root, require_tool, run
+
+if TYPE_CHECKING:
+    from vmreclaim.testing.host import HostProcess
 
 #: Modules the guest loads, in this order after their dependencies (crc32c first: ext4
 #: and xfs ask the crypto layer for it by name and there is no modprobe helper).
@@ -640,24 +644,193 @@ def running_guest(spec: GuestSpec) -> Iterator[QemuGuest]:
         guest.kill()
 
 
-__all__ = [
-    "CHANNEL_NAME",
-    "Guest",
-    "GuestDisk",
-    "GuestError",
-    "GuestKit",
-    "GuestPort",
-    "GuestResult",
-    "GuestSpec",
-    "LibvirtGuest",
-    "QemuGuest",
-    "allocated_bytes",
-    "build_kit",
-    "installed_kernel",
-    "make_ext4_image",
-    "running_guest",
-    "system_libvirtd",
-]
+# -- the end-to-end scenario -------------------------------------------------------------------
+
+#: The guest side of the scenario (a file of the checkout, run by the guest's Python).
+WORKLOAD = CHECKOUT / "tests" / "guest" / "workload.py"
+#: How the guest gives space back: vmreclaim's agent and host daemon, one ``fstrim``
+#: after the workload, or ``mount -o discard`` (the last two need discard=unmap).
+MODES = ("vmreclaim", "fstrim", "discard-mount")
+MiB = 1024 * 1024
+
+
+@dataclass
+class ScenarioResult:
+    """What one run of the scenario measured (bytes, seconds)."""
+
+    mode: str
+    format: str
+    backend: str
+    image: Path
+    deleted_bytes: int
+    allocated_before: int
+    allocated_after: int
+    #: Seconds from the guest's ``sync`` after the deletions to the image giving back
+    #: ``target`` of them; ``None`` if it never did within the bound.
+    latency_seconds: float | None
+    write_seconds: float
+    delete_seconds: float
+    trim_seconds: float | None
+    checker: dict[str, object]
+    guest: GuestResult
+    host_log: str = ""
+
+    @property
+    def freed_bytes(self) -> int:
+        return self.allocated_before - self.allocated_after
+
+
+def run_scenario(
+    kit: GuestKit,
+    workdir: Path,
+    *,
+    fmt: str = "qcow2",
+    backend: str = "qemu",
+    mode: str = "vmreclaim",
+    n_files: int = 4,
+    file_mib: int = 16,
+    disk_mib: int = 256,
+    target: float = 0.99,
+    bound_seconds: float = 90.0,
+    discard: bool | None = None,
+    libvirt_uri: str = "qemu:///system",
+    checker_interval: float = 0.05,
+) -> ScenarioResult:
+    """Boot a guest with one ext4 data disk of ``fmt``, write ``n_files`` files of
+    ``file_mib`` MiB while a checker process rewrites and verifies files of its own,
+    delete them, and measure how soon and how much the image file shrinks.
+
+    ``mode`` is ``vmreclaim`` (the checkout's agent in the guest, ``vmreclaim host``
+    with the ``backend`` hypervisor driver on the host), ``fstrim`` or
+    ``discard-mount``. ``discard`` (default: on for qcow2 and the two guest-side
+    modes) sets the disk's discard=unmap. Waiting stops once ``target`` of the deleted
+    bytes are freed or after ``bound_seconds``.
+    """
+    import json
+
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    if backend not in ("qemu", "libvirt"):
+        raise ValueError(f"backend {backend!r} is not qemu or libvirt")
+    workdir.mkdir(parents=True, exist_ok=True)
+    suffix = {"qcow2": "qcow2", "raw": "raw", "vpc": "vhd"}[fmt]
+    image = make_ext4_image(workdir / f"disk0.{suffix}", disk_mib * MiB, fmt)
+    if discard is None:
+        discard = mode != "vmreclaim" or fmt == "qcow2"
+    port = GuestPort(workdir / "channel.sock")
+    mount_opts = "-o discard" if mode == "discard-mount" else ""
+    agent = mode == "vmreclaim"
+    script = f"""
+mkdir -p /mnt/d0 /var/lib/vmreclaim-agent
+mount -t ext4 {mount_opts} /dev/vda /mnt/d0 || exit 10
+{"$PYTHON -m vmreclaim agent --config /xfer/agent.yaml > /xfer/agent.log 2>&1 & AGENT=$!" if agent else ""}
+$PYTHON {WORKLOAD} /mnt/d0 /xfer {n_files} {file_mib} {"--fstrim" if mode == "fstrim" else ""}
+rc=$?
+{'kill -TERM "$AGENT"; wait "$AGENT" || echo "agent exited $?"' if agent else ""}
+umount /mnt/d0 || rc=11
+exit $rc
+"""
+    spec = GuestSpec(
+        kit,
+        workdir,
+        script,
+        disks=[GuestDisk(image, fmt, "disk0", discard)],
+        ports=[port] if agent else [],
+        env={"CHECKER_INTERVAL": str(checker_interval)},
+    )
+    name = f"vmr-e2e-{workdir.name[-12:]}".replace("_", "-")
+    guest: Guest
+    conn = None
+    if backend == "libvirt":
+        import libvirt
+
+        conn = libvirt.open(libvirt_uri)
+        guest = LibvirtGuest(spec, conn, name)
+    else:
+        guest = QemuGuest(spec)
+    host = None
+    try:
+        guest.start()
+        if agent:
+            (spec.xfer / "agent.yaml").write_text(
+                f"transport: {{driver: virtio-serial, name: {CHANNEL_NAME}}}\n"
+                "filesystems: [{mount: /mnt/d0, disk: disk0}]\n"
+                "spool: /var/lib/vmreclaim-agent/spool\n"
+                "report_existing_free_space: false\n"
+            )
+            host = _start_host(workdir, backend, name, guest, libvirt_uri)
+            host.wait_for(
+                lambda doc: any((vm.get("agent") or {}).get("connected") for vm in doc["vms"]),
+                timeout=120,
+                what="the guest agent connected",
+            )
+        guest.wait_for("checker-ready", timeout=120)
+        guest.signal("go")
+        written = json.loads(guest.wait_for("written", timeout=300))
+        before = allocated_bytes(image)
+        guest.signal("delete")
+        deleted = json.loads(guest.wait_for("deleted", timeout=300))
+        synced_at = time.monotonic()
+        goal = target * deleted["bytes"]
+        latency = None
+        while time.monotonic() - synced_at < bound_seconds:
+            if before - allocated_bytes(image) >= goal:
+                latency = time.monotonic() - synced_at
+                break
+            time.sleep(0.05)
+        after = allocated_bytes(image)
+        guest.signal("stop")
+        checker = json.loads(guest.wait_for("checker", timeout=120))
+        result = guest.wait(120)
+        return ScenarioResult(
+            mode=mode,
+            format=fmt,
+            backend=backend if agent else "-",
+            image=image,
+            deleted_bytes=int(deleted["bytes"]),
+            allocated_before=before,
+            allocated_after=after,
+            latency_seconds=latency,
+            write_seconds=float(written["seconds"]),
+            delete_seconds=float(deleted["seconds"]),
+            trim_seconds=deleted.get("trim_seconds"),
+            checker=checker,
+            guest=result,
+            host_log=host.logs() if host is not None else "",
+        )
+    finally:
+        guest.kill()
+        if host is not None:
+            host.stop()
+        if conn is not None:
+            conn.close()
+
+
+def _start_host(workdir: Path, backend: str, name: str, guest: Guest, libvirt_uri: str) -> HostProcess:
+    import yaml
+
+    from vmreclaim.testing.host import HostProcess
+
+    if backend == "libvirt":
+        hypervisor: dict[str, object] = {"driver": "libvirt", "uri": libvirt_uri, "domains": [name]}
+    else:
+        assert isinstance(guest, QemuGuest)
+        hypervisor = {"driver": "qemu", "vms": [{"name": name, "qmp": str(guest.qmp_socket)}]}
+    config = workdir / "host.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "hypervisor": hypervisor,
+                "policy": {"driver": "always"},
+                "database": str(workdir / "host.sqlite"),
+                "status_socket": str(workdir / "status.sock"),
+                "reclaim": {"tick_seconds": 0.5, "rescan_seconds": 2},
+                "log_level": "debug",
+            },
+            sort_keys=False,
+        )
+    )
+    return HostProcess(config, log_path=workdir / "host.log").start()
 
 
 # -- libvirtd for tests --------------------------------------------------------------------
@@ -730,3 +903,26 @@ def _wait_pid(pidfile: Path, timeout: float) -> int:
         if time.monotonic() > deadline:
             raise GuestError(f"{pidfile} did not name a live process within {timeout:.0f}s")
         time.sleep(0.05)
+
+
+__all__ = [
+    "CHANNEL_NAME",
+    "MODES",
+    "Guest",
+    "GuestDisk",
+    "GuestError",
+    "GuestKit",
+    "GuestPort",
+    "GuestResult",
+    "GuestSpec",
+    "LibvirtGuest",
+    "QemuGuest",
+    "ScenarioResult",
+    "allocated_bytes",
+    "build_kit",
+    "installed_kernel",
+    "make_ext4_image",
+    "run_scenario",
+    "running_guest",
+    "system_libvirtd",
+]
