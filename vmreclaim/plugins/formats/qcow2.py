@@ -147,14 +147,20 @@ class Qcow2Image(Image):
         for rows in self._rows(window):
             self._resolve_shared(rows)
             pieces.append(ExtentMap(rows.starts, rows.lengths, rows.kinds, rows.offsets).merged())
-        result = pieces[0] if len(pieces) == 1 else ExtentMap.concat(pieces)
-        if len(pieces) > 1:
-            if bool((result.starts[1:] < result.starts[:-1]).any()):
-                order = np.argsort(result.starts, kind="stable")
-                result = ExtentMap(
-                    result.starts[order], result.lengths[order], result.kinds[order], result.offsets[order]
-                )
-            result = result.merged()
+        stored = ExtentMap.concat(pieces)
+        cs = self._cs
+        span = ByteRange.from_bounds(window.start // cs * cs, -(-window.end // cs) * cs)
+        gaps = stored.guest_ranges().complement(span)
+        n = len(gaps)
+        unallocated = ExtentMap(
+            gaps.starts, gaps.lengths, np.full(n, _UNALLOC), np.full(n, NO_OFFSET, dtype=np.int64)
+        )
+        result = ExtentMap.concat([stored, unallocated])
+        order = np.argsort(result.starts, kind="stable")  # two sorted runs: a linear merge
+        result = ExtentMap(
+            result.starts[order], result.lengths[order], result.kinds[order], result.offsets[order]
+        )
+        result = result.merged()
         result = trim_to_window(result, window)
         result.require_covers(window, f"{self.file.path}: qcow2 map")
         return result
@@ -362,43 +368,34 @@ class Qcow2Image(Image):
     # -- decoding ------------------------------------------------------------------------------------
 
     def _rows(self, window: ByteRange) -> list[_Rows]:
-        """Rows for every (sub)cluster touching ``window``, in batches of L2 tables."""
-        cs = self._cs
+        """Rows for every (sub)cluster touching ``window`` whose L2 entry is not all zero,
+        in guest order, in batches of L2 tables. Whatever they leave uncovered (absent L2
+        tables, all-zero entries: most of a sparse disk) is unallocated."""
+        cs, l2n = self._cs, self._l2n
         first_c, end_c = window.start // cs, -(-window.end // cs)
-        l1_first, l1_last = first_c // self._l2n, (end_c - 1) // self._l2n
-        l1_idx = np.arange(l1_first, l1_last + 1, dtype=np.int64)
+        l1_idx = np.arange(first_c // l2n, (end_c - 1) // l2n + 1, dtype=np.int64)
         l2_offs = (self._l1[l1_idx] & np.uint64(hdr.L1E_OFFSET_MASK)).astype(np.int64)
-        out: list[_Rows] = []
-        absent = l1_idx[l2_offs == 0]
-        if absent.size:
-            # Runs of consecutive absent L2 tables become one unallocated row each.
-            run_start = np.concatenate([[True], absent[1:] != absent[:-1] + 1])
-            firsts = absent[run_start]
-            lasts = np.append(absent[np.flatnonzero(run_start)[1:] - 1], absent[-1])
-            starts = firsts * self._span
-            n = firsts.size
-            out.append(
-                _Rows(
-                    starts,
-                    (lasts + 1) * self._span - starts,
-                    np.full(n, _UNALLOC),
-                    np.full(n, NO_OFFSET, dtype=np.int64),
-                    np.zeros(n, dtype=bool),
-                )
-            )
         present = np.flatnonzero(l2_offs)
-        per_batch = max(1, _BATCH_ENTRIES // self._l2n)
+        out: list[_Rows] = []
+        per_batch = max(1, _BATCH_ENTRIES // l2n)
+        ext = self.header.extended_l2
         for b in range(0, present.size, per_batch):
             sel = present[b : b + per_batch]
             tables = self._l2_tables(l2_offs[sel])
-            clusters = (l1_idx[sel][:, None] * self._l2n + np.arange(self._l2n)[None, :]).reshape(-1)
-            keep = (clusters >= first_c) & (clusters < end_c)
-            table_of = np.repeat(l2_offs[sel], self._l2n)[keep]
-            if self.header.extended_l2:
-                words = tables.reshape(-1, 2)[keep]
-                out.append(self._decode(words[:, 0], words[:, 1], clusters[keep], table_of))
+            words = tables.reshape(-1, 2) if ext else tables.reshape(-1)
+            base = l1_idx[sel] * l2n  # guest cluster of each table's first entry
+            # Only the window's first table can start before it and only its last
+            # table end after it, so the entries inside form one slice.
+            lo = max(0, first_c - int(base[0]))
+            hi = words.shape[0] - max(0, int(base[-1]) + l2n - end_c)
+            used = (words[lo:hi, 0] != 0) | (words[lo:hi, 1] != 0) if ext else words[lo:hi] != 0
+            flat = np.flatnonzero(used) + lo
+            table = flat // l2n
+            clusters = base[table] + flat % l2n
+            if ext:
+                out.append(self._decode(words[flat, 0], words[flat, 1], clusters, l2_offs[sel][table]))
             else:
-                out.append(self._decode(tables.reshape(-1)[keep], None, clusters[keep], table_of))
+                out.append(self._decode(words[flat], None, clusters, l2_offs[sel][table]))
         return out
 
     def _decode(self, e: U64, bitmap: U64 | None, clusters: I64, table_of: I64) -> _Rows:
