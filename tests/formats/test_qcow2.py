@@ -269,3 +269,16 @@ def test_missing_backing_file_is_refused_with_its_name(tmp_path: Path) -> None:
     base.unlink()
     with pytest.raises(UnsupportedImageError, match=r"backing file 'base\.qcow2'"):
         open_image(top)
+
+
+def test_refresh_sees_what_qemu_wrote_since(tmp_path: Path) -> None:
+    """A live caller refreshes after its fence: the map must then be current."""
+    img = qemu_img_create(tmp_path / "r.qcow2", 4 * MiB)
+    with open_image(img) as image:
+        assert image.map(ByteRange(0, 4 * MiB)).bytes_of(ExtentKind.DATA) == 0
+        qemu_io(img, "write -P 1 1M 1M")
+        sh("qemu-img", "snapshot", "-c", "s", img)
+        image.refresh()
+        m = image.map(ByteRange(0, 4 * MiB))
+        assert m.bytes_of(ExtentKind.SHARED) == MiB
+        assert image.info()["snapshots"] == ["s"]

@@ -21,7 +21,6 @@ names the structure and the offset.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import stat
@@ -95,6 +94,11 @@ class ImageFile:
         itemsize = np.dtype(dtype).itemsize
         return np.frombuffer(self.read(offset, count * itemsize, what), dtype=dtype)
 
+    def refresh_size(self) -> None:
+        """Learn the file's size again (a live image grows as its guest writes)."""
+        if not self.is_block_device:
+            self.size = os.fstat(self.fd).st_size
+
     def read_many(self, offsets: npt.NDArray[np.int64], length: int, what: str) -> npt.NDArray[np.uint8]:
         """``length`` bytes at each of ``offsets``, as a ``(len(offsets), length)`` array.
 
@@ -131,7 +135,7 @@ class ImageFile:
         def read_runs(part: list[tuple[int, int, int]]) -> None:
             for lo, hi, at in part:
                 want = (hi - lo) * length
-                got = os.preadv(self.fd, [buf[lo:hi]], at)
+                got = os.preadv(self.fd, [buf[lo:hi].data], at)
                 if got != want:
                     raise CorruptImageError(
                         f"{self.path}: short read of {what} at {at:#x}: {got} of {want} bytes"
@@ -150,31 +154,6 @@ class ImageFile:
             read_runs(runs)
         out[order] = buf
         return out
-
-    def data_ranges(self, window: ByteRange) -> RangeSet:
-        """Host-allocated ranges of the file inside ``window`` (``SEEK_DATA``/``SEEK_HOLE``).
-
-        A block device is all data. Holes of a sparse file read as zeros.
-        """
-        if self.is_block_device:
-            return RangeSet([window.start], [window.end])
-        starts: list[int] = []
-        ends: list[int] = []
-        pos = window.start
-        while pos < min(window.end, self.size):
-            try:
-                data = os.lseek(self.fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # no data after pos
-                    break
-                raise
-            if data >= window.end:
-                break
-            hole = os.lseek(self.fd, data, os.SEEK_HOLE)
-            starts.append(data)
-            ends.append(min(hole, window.end))
-            pos = hole
-        return RangeSet(starts, ends)
 
     def allocated_bytes(self) -> int:
         """Bytes the host filesystem has allocated for the file (``st_blocks``)."""

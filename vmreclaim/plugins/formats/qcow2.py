@@ -95,21 +95,24 @@ class Qcow2Image(Image):
 
     def __init__(self, file: ImageFile, header: Header, data_file: ImageFile | None) -> None:
         super().__init__(file, "qcow2")
-        self.header = header
         self._data_file = data_file
-        h = header
+        self._l2_cache: OrderedDict[int, U64] = OrderedDict()
+        self._load(header)
+
+    def _load(self, h: Header) -> None:
+        """Read the tables ``h`` names and forget every cache."""
+        self.header = h
         self._cs = h.cluster_size
         self._cb = h.cluster_bits
         self._l2n = h.l2_entries
-        self._span = self._cs * self._l2n
         self._l1 = self._read_l1(h.l1_offset, h.l1_size, "active L1 table")
         self._reftable = self._read_reftable()
-        self._snapshots, self._snapshot_table_len = hdr.parse_snapshots(file, h)
-        self._bitmaps, self._bitmap_dir = hdr.parse_bitmaps(file, h)
+        self._snapshots, self._snapshot_table_len = hdr.parse_snapshots(self.file, h)
+        self._bitmaps, self._bitmap_dir = hdr.parse_bitmaps(self.file, h)
         if h.crypto_area is not None:
             off, length = h.crypto_area
-            hdr.check_table(file, "LUKS encryption header", off, length, self._cs)
-        self._l2_cache: OrderedDict[int, U64] = OrderedDict()
+            hdr.check_table(self.file, "LUKS encryption header", off, length, self._cs)
+        self._l2_cache.clear()
         self._l2_cached_bytes = 0
         self._refblocks: dict[int, npt.NDArray[np.uint8]] = {}
         self._census_cache: _Census | None = None
@@ -130,13 +133,21 @@ class Qcow2Image(Image):
         return self._data_file if self._data_file is not None else self.file
 
     def refresh(self) -> None:
-        self._l1 = self._read_l1(self.header.l1_offset, self.header.l1_size, "active L1 table")
-        self._reftable = self._read_reftable()
-        self._l2_cache.clear()
-        self._l2_cached_bytes = 0
-        self._refblocks.clear()
-        self._census_cache = None
-        self._metadata_cache = None
+        # The header too: QEMU moves the L1 table on resize and rewrites the snapshot
+        # table when a snapshot is taken.
+        self.file.refresh_size()
+        self.data_file.refresh_size()
+        h = hdr.parse_header(self.file)
+        if (h.has_data_file, h.data_file, h.backing_file) != (
+            self.header.has_data_file,
+            self.header.data_file,
+            self.header.backing_file,
+        ):
+            raise UnsupportedImageError(
+                f"{self.file.path}: qcow2 backing or data file changed while the image was open; "
+                "open it again"
+            )
+        self._load(h)
 
     def map(self, window: ByteRange) -> ExtentMap:
         if window.end > self.virtual_size:

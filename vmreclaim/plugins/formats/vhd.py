@@ -304,6 +304,7 @@ class VhdImage(Image):
         return self.header.block_size
 
     def refresh(self) -> None:
+        self.file.refresh_size()
         if self.header is not None:
             self._bat = self._read_bat()
 
