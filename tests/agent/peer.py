@@ -112,7 +112,9 @@ class HostPeer:
         try:
             conn, _ = self.sock.accept()
         except TimeoutError:
-            raise AssertionError(f"the agent did not connect within {timeout}s:\n{agent.log if agent else ''}") from None
+            raise AssertionError(
+                f"the agent did not connect within {timeout}s:\n{agent.log if agent else ''}"
+            ) from None
         conn.settimeout(None)
         return Conn(conn)
 

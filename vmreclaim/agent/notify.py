@@ -11,6 +11,10 @@ are triggers (specs.md 5.3): nothing here is trusted to say which blocks are fre
   When the driver does not need paths the events are not parsed beyond their masks.
 * **inotify**: one watch per directory, added as directories appear; bounded by
   ``fs.inotify.max_user_watches`` (past it, the periodic scan is the backstop).
+
+Closing a file opened for writing is ``WRITTEN``; every ``write(2)`` and truncate is
+``MODIFIED``, which drivers only note (a process appending to a file all day must not
+cost a FIEMAP per write), and which wakes the agent at most once per debounce.
 """
 
 from __future__ import annotations
@@ -69,8 +73,10 @@ def _kinds(mask: int) -> list[FsEventKind]:
         out.append(FsEventKind.DELETED)
     if mask & (linux.FAN_MOVED_FROM | linux.FAN_MOVED_TO):
         out.append(FsEventKind.MOVED)
-    if mask & (linux.FAN_CLOSE_WRITE | linux.FAN_MODIFY):
+    if mask & linux.FAN_CLOSE_WRITE:
         out.append(FsEventKind.WRITTEN)
+    elif mask & linux.FAN_MODIFY:
+        out.append(FsEventKind.MODIFIED)
     return out
 
 
@@ -326,8 +332,10 @@ class InotifySource:
                 out.append(FsEvent(FsEventKind.DELETED, path=path, is_dir=is_dir))
             if mask & (linux.IN_MOVED_FROM | linux.IN_MOVED_TO):
                 out.append(FsEvent(FsEventKind.MOVED, path=path, is_dir=is_dir))
-            if mask & (linux.IN_CLOSE_WRITE | linux.IN_MODIFY) and not is_dir:
+            if mask & linux.IN_CLOSE_WRITE and not is_dir:
                 out.append(FsEvent(FsEventKind.WRITTEN, path=path))
+            elif mask & linux.IN_MODIFY and not is_dir:
+                out.append(FsEvent(FsEventKind.MODIFIED, path=path))
         return out
 
     def close(self) -> None:

@@ -47,6 +47,8 @@ RECORD_RANGES = 16384
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
 #: A filesystem without GETFSMAP is trimmed after deletions at most this often.
 FITRIM_INTERVAL = 30.0
+#: Events for drivers that learn as they go are handed over at most this often.
+EAGER_INTERVAL = 0.05
 #: After a pass triggered by events, one more pass this long after (XFS background
 #: inactivation, a deleted file's last close, a journal commit), unless events come first.
 FOLLOW_UP = 2.0
@@ -79,6 +81,9 @@ class FsWatcher:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"vmreclaim-pass-{fs.mount.name or 'root'}")
         self.source: EventSource | None = None
         self.events: list[FsEvent] = []
+        self.eager: list[FsEvent] = []
+        self.eager_scheduled = False
+        self.last_eager = 0.0
         self.first_event: float | None = None
         self.last_event = 0.0
         self.follow_up: float | None = None
@@ -139,7 +144,14 @@ class FsWatcher:
             return
         now = time.monotonic()
         if self.capture.capabilities.eager_writes:
-            self.executor.submit(self._observe, events)
+            # In order, at most every EAGER_INTERVAL: a burst of writes costs one look.
+            self.eager += events
+            if len(self.eager) > MAX_EVENTS:
+                self.eager = [FsEvent(FsEventKind.OVERFLOW)]
+            if not self.eager_scheduled:
+                self.eager_scheduled = True
+                delay = max(0.0, self.last_eager + EAGER_INTERVAL - now)
+                self.agent.loop.call_later(delay, self._flush_eager)
         else:
             self.events += events
             if len(self.events) > MAX_EVENTS:
@@ -148,6 +160,13 @@ class FsWatcher:
             self.first_event = now
         self.last_event = now
         self.wake.set()
+
+    def _flush_eager(self) -> None:
+        self.eager_scheduled = False
+        self.last_eager = time.monotonic()
+        events, self.eager = self.eager, []
+        if events:
+            self.executor.submit(self._observe, events)
 
     def _observe(self, events: list[FsEvent]) -> None:
         try:
@@ -181,6 +200,9 @@ class FsWatcher:
                 self.follow_up = None
             else:
                 scan_at = time.monotonic() + opts.scan_seconds
+            if self.eager:  # learn from every event already read before this pass
+                self.executor.submit(self._observe, self.eager)
+                self.eager = []
             events, self.events = self.events, []
             if reason == "scan":
                 events.append(FsEvent(FsEventKind.SCAN))

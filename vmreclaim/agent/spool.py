@@ -55,6 +55,9 @@ class Spool:
         self._held = 0
         self._stop = False
         self._writing = False
+        #: ``next_seq`` moved since it was last written (a record may be acked before it
+        #: ever reached the database; its number must still never be used again).
+        self._seq_dirty = False
         self._to_insert: dict[int, tuple[str, bytes]] = {}
         self._to_delete: set[int] = set()
         self.pending: OrderedDict[int, tuple[str, bytes]] = OrderedDict()
@@ -85,6 +88,8 @@ class Spool:
         with self._cond:
             seq = self.next_seq
             self.next_seq += 1
+            self._seq_dirty = True
+            self._cond.notify_all()
             return seq
 
     def add(self, seq: int, disk: str, line: bytes) -> None:
@@ -126,7 +131,7 @@ class Spool:
         """Block until everything queued is in the database (tests, shutdown)."""
         with self._cond:
             return self._cond.wait_for(
-                lambda: bool(self._held) or not (self._to_insert or self._to_delete or self._writing), timeout
+                lambda: bool(self._held) or not (self._queued() or self._writing), timeout
             )
 
     def close(self) -> None:
@@ -154,19 +159,22 @@ class Spool:
                 len(line),
             )
 
+    def _queued(self) -> bool:
+        return bool(self._to_insert or self._to_delete or self._seq_dirty)
+
     def _ready(self) -> bool:
-        return self._stop or (not self._held and bool(self._to_insert or self._to_delete))
+        return self._stop or (not self._held and self._queued())
 
     def _run(self) -> None:
         while True:
             with self._cond:
                 self._cond.wait_for(self._ready)
-                if self._held or not (self._to_insert or self._to_delete):
+                if self._held or not self._queued():
                     return  # stopping: nothing left, or a fence holds us (write nothing)
                 inserts = [(s, d, ln) for s, (d, ln) in self._to_insert.items()]
                 deletes = [(s,) for s in self._to_delete]
                 next_seq = self.next_seq
-                self._to_insert, self._to_delete = {}, set()
+                self._to_insert, self._to_delete, self._seq_dirty = {}, set(), False
                 self._writing = True
             ok = self._write(inserts, deletes, next_seq)
             with self._cond:
@@ -176,6 +184,7 @@ class Spool:
                         if s in self.pending:
                             self._to_insert.setdefault(s, (d, ln))
                     self._to_delete.update(s for (s,) in deletes)
+                    self._seq_dirty = True
                 self._cond.notify_all()
             if not ok:
                 time.sleep(1.0)

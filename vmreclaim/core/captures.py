@@ -40,8 +40,11 @@ class FsEventKind(enum.Enum):
 
     #: A directory entry was removed (unlink, rmdir) or an inode lost its last link.
     DELETED = "deleted"
-    #: A file was written and closed, modified, or truncated.
+    #: A file opened for writing was closed (it may have grown, shrunk or been rewritten).
     WRITTEN = "written"
+    #: A file's data changed or it was truncated, while it may still be open: frequent
+    #: (every ``write(2)``), so drivers note it and act at the next pass, not per event.
+    MODIFIED = "modified"
     #: A directory entry was renamed (a rename may replace, and so free, another file).
     MOVED = "moved"
     #: The kernel dropped events (queue overflow): anything may have happened.

@@ -244,9 +244,13 @@ def _decode(line: bytes, adapter: TypeAdapter[Any], sender: str) -> Any:
         first = exc.errors()[0]
         if first["type"] == "union_tag_invalid":
             expected = first.get("ctx", {}).get("expected_tags", "")
-            raise ProtocolError(f"{sender} message type {doc['type']!r} is unknown (expected {expected})") from None
+            raise ProtocolError(
+                f"{sender} message type {doc['type']!r} is unknown (expected {expected})"
+            ) from None
         where = ".".join(str(p) for p in first["loc"][1:])  # loc[0] is the tag itself
-        raise ProtocolError(f"{sender} {doc['type']!r} message: {where or '(message)'}: {first['msg']}") from None
+        raise ProtocolError(
+            f"{sender} {doc['type']!r} message: {where or '(message)'}: {first['msg']}"
+        ) from None
 
 
 def decode_from_agent(line: bytes) -> Any:

@@ -2,11 +2,12 @@
 
 The patent's info collector reads a file's block addresses while its inode is still
 valid. A guest cannot intercept unlink from user space, so this driver learns extents
-ahead of time: it walks the filesystem at start and, on every write-and-close (or
-modify, truncate), reads the file's extents with FS_IOC_FIEMAP (flushed first, so
-delayed allocations have real addresses). When a file is deleted (by inode number when
-fanotify reports it, else by path), or shrinks, or a rescan finds it gone, the extents
-it lost become candidates, which verify then checks against GETFSMAP like any others.
+ahead of time: it walks the filesystem at start and, on every write-and-close (and at
+the next pass after a modification or truncate), reads the file's extents with
+FS_IOC_FIEMAP (flushed first, so delayed allocations have real addresses). When a file
+is deleted (by inode number when fanotify reports it, else by path), or shrinks, or a
+rescan finds it gone, the extents it lost become candidates, which verify then checks
+against GETFSMAP like any others.
 
 Candidates that are not free yet (a deleted file still open somewhere; blocks already
 reused) wait for later passes, up to ``pending_seconds``. Shared (reflinked) extents are
@@ -58,6 +59,8 @@ class FiemapCapture(Capture):
         self.paths: dict[Path, int] = {}
         #: (time the extents were lost, ranges still waiting to be found free)
         self.pending: deque[tuple[float, RangeSet]] = deque()
+        #: Files modified (written, truncated) and not closed yet: looked at each pass.
+        self.modified: dict[Path, None] = {}
         self.full = False
         self._rescan(initial=True)
 
@@ -68,6 +71,9 @@ class FiemapCapture(Capture):
         for event in events:
             if event.kind is FsEventKind.WRITTEN and event.path is not None and not event.is_dir:
                 written[event.path] = None
+                self.modified.pop(event.path, None)
+            elif event.kind is FsEventKind.MODIFIED and event.path is not None:
+                self.modified[event.path] = None
             elif event.kind is FsEventKind.DELETED:
                 self._deleted(event)
             elif event.kind is FsEventKind.MOVED and event.path is not None:
@@ -149,6 +155,9 @@ class FiemapCapture(Capture):
     # -- passes -----------------------------------------------------------------------------
 
     def candidates(self) -> RangeSet:
+        modified, self.modified = self.modified, {}
+        for path in modified:
+            self._learn(path)
         horizon = time.monotonic() - self.options.pending_seconds
         while self.pending and self.pending[0][0] < horizon:
             self.pending.popleft()

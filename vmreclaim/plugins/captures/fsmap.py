@@ -8,16 +8,28 @@ now, so what is reported is exactly the blocks that became free since the last p
 whatever freed them: unlink, ``rm -rf``, truncate, a shorter overwrite, a rename over a
 file, an XFS background inactivation, or an open file's last close.
 
-A block that is allocated and freed again between two passes is not seen; a pass runs
-after every burst of writes as well as deletes, which keeps that window to the debounce
-delay, and the periodic scan catches anything an event source missed.
+A block allocated and freed again between two passes would not be seen (a file written,
+flushed and deleted within one debounce delay). So the driver takes write events as they
+come (``eager_writes``): each batch of them shrinks the baseline to what GETFSMAP says is
+free right then, a cheap look without syncfs that makes freshly allocated blocks
+candidates again. Freed but not yet committed blocks are not free to GETFSMAP either
+(ext4 frees them in its allocator only at the journal commit, XFS in background
+inactivation), which covers the milliseconds between a close and the agent's look. A
+block may then be reported twice; the host treats that as the no-op it is.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from vmreclaim.core.captures import Capture, CaptureOptions, CaptureTarget, FsEvent
+from vmreclaim.core.captures import (
+    Capture,
+    CaptureCapabilities,
+    CaptureOptions,
+    CaptureTarget,
+    FsEvent,
+    FsEventKind,
+)
 from vmreclaim.core.ranges import ByteRange, RangeSet
 
 
@@ -25,13 +37,16 @@ class FsmapCapture(Capture):
     """Candidates = the device minus what was free at the last pass."""
 
     Options = CaptureOptions
+    capabilities = CaptureCapabilities(needs_paths=False, eager_writes=True)
 
     def begin(self, target: CaptureTarget, reported: RangeSet) -> None:
         self.target = target
         self.known_free = reported
 
     def observe(self, events: Sequence[FsEvent]) -> None:
-        """Nothing to learn from an event beyond "look again", which the agent does."""
+        """After writes, forget as "known free" whatever is allocated now."""
+        if any(e.kind is FsEventKind.WRITTEN for e in events):
+            self.known_free = self.known_free.intersect(self.target.free_space())
 
     def candidates(self) -> RangeSet:
         return self.known_free.complement(ByteRange(0, self.target.size))
