@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid as uuidlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -568,6 +569,9 @@ class LibvirtGuest(Guest):
         self.domain: object | None = None
 
     def start(self) -> LibvirtGuest:
+        import libvirt
+
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors are raised, not printed
         self.spec.prepare()
         for p in self.spec.ports:
             p.socket.unlink(missing_ok=True)
@@ -687,7 +691,7 @@ def run_scenario(
     fmt: str = "qcow2",
     backend: str = "qemu",
     mode: str = "vmreclaim",
-    n_files: int = 4,
+    n_files: int = 6,
     file_mib: int = 16,
     disk_mib: int = 256,
     target: float = 0.99,
@@ -738,7 +742,7 @@ exit $rc
         ports=[port] if agent else [],
         env={"CHECKER_INTERVAL": str(checker_interval)},
     )
-    name = f"vmr-e2e-{workdir.name[-12:]}".replace("_", "-")
+    name = f"vmr-e2e-{fmt}-{uuidlib.uuid4().hex[:8]}"
     guest: Guest
     conn = None
     if backend == "libvirt":
@@ -759,10 +763,15 @@ exit $rc
                 "report_existing_free_space: false\n"
             )
             host = _start_host(workdir, backend, name, guest, libvirt_uri)
+            # "connected" alone is the host's end of the port; the agent has spoken (and
+            # taken its baseline of free space) once its hello named it.
             host.wait_for(
-                lambda doc: any((vm.get("agent") or {}).get("connected") for vm in doc["vms"]),
+                lambda doc: any(
+                    (vm.get("agent") or {}).get("connected") and (vm.get("agent") or {}).get("agent")
+                    for vm in doc["vms"]
+                ),
                 timeout=120,
-                what="the guest agent connected",
+                what="the guest agent's hello",
             )
         guest.wait_for("checker-ready", timeout=120)
         guest.signal("go")
