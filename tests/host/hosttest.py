@@ -10,6 +10,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from vmreclaim.core.ranges import RangeSet
+
 from vmreclaim.core.config import HostConfig, load_config
 from vmreclaim.host.daemon import HostDaemon
 from vmreclaim.testing.helpers import make_raw_image
@@ -69,3 +71,158 @@ async def eventually(predicate: Callable[[], Any], timeout: float = 20.0, what: 
         if loop.time() > deadline:
             raise AssertionError(f"{what} not reached within {timeout}s")
         await asyncio.sleep(0.02)
+
+
+# -- end to end: the real agent, a writer, extents -------------------------------------------
+
+
+class AgentProcess:
+    """``vmreclaim agent --config`` as a real process (it runs as root on the host against a
+    loop-mounted image, DESIGN.md section 6), logs in ``log``."""
+
+    def __init__(self, root: Path, channel: Path, mount: Path, disk: str = "disk0", **extra: Any) -> None:
+        import yaml
+
+        self.config = root / "agent.yaml"
+        doc = {
+            "transport": {"driver": "unix", "path": str(channel)},
+            "filesystems": [{"mount": str(mount), "disk": disk}],
+            "spool": str(root / "agent-spool"),
+            "log_level": "debug",
+            **extra,
+        }
+        self.config.write_text(yaml.safe_dump(doc))
+        self.log = root / "agent.log"
+        self.proc: Any = None
+
+    def start(self) -> AgentProcess:
+        import subprocess
+        import sys
+
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "vmreclaim", "--debug", "agent", "--config", str(self.config)],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+            )
+        return self
+
+    def stop(self) -> int:
+        import subprocess
+
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return int(self.proc.returncode)
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+class Writer:
+    """Writes, checks and deletes its own files in ``top`` until stopped: a guest that goes
+    on working while its deleted space is reclaimed under it."""
+
+    def __init__(self, top: Path, seed: int = 1) -> None:
+        import random
+        import threading
+
+        self.top = top
+        top.mkdir(parents=True, exist_ok=True)
+        self.rng = random.Random(seed)
+        self.files: dict[Path, str] = {}
+        self.written = 0
+        self.deleted = 0
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.error: BaseException | None = None
+
+    def _run(self) -> None:
+        import hashlib
+
+        n = 0
+        try:
+            while not self.stop_event.is_set():
+                n += 1
+                data = self.rng.randbytes(self.rng.randint(1, 64) * 4096 - self.rng.randint(0, 4095))
+                path = self.top / f"w{n:06d}"
+                with open(path, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                self.files[path] = hashlib.sha256(data).hexdigest()
+                self.written += 1
+                if len(self.files) > 40:
+                    victim = self.rng.choice(sorted(self.files))
+                    victim.unlink()
+                    del self.files[victim]
+                    self.deleted += 1
+                self.stop_event.wait(0.01)
+        except BaseException as exc:  # reported by stop()
+            self.error = exc
+
+    def start(self) -> Writer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive(), "writer stuck (a filesystem left frozen?)"
+        if self.error is not None:
+            raise AssertionError(f"writer failed: {self.error!r}") from self.error
+
+    def verify(self) -> int:
+        import hashlib
+
+        for path, digest in self.files.items():
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, f"{path} changed"
+        return len(self.files)
+
+
+def extents(*paths: Path) -> RangeSet:
+    """FIEMAP (flushed) of files: byte ranges of the device under their filesystem."""
+    from vmreclaim.agent import linux
+
+    out = RangeSet()
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # a writer deleted it meanwhile
+            continue
+        try:
+            out = out.union(linux.fiemap(fd).ranges)
+        finally:
+            os.close(fd)
+    return out
+
+
+def tree_extents(top: Path) -> RangeSet:
+    return extents(*[Path(r) / f for r, _, fs in os.walk(top) for f in fs])
+
+
+def data_ranges(path: Path) -> RangeSet:
+    """Allocated byte ranges of a file (SEEK_DATA / SEEK_HOLE)."""
+    fd = os.open(path, os.O_RDONLY)
+    starts, ends = [], []
+    try:
+        size, pos = os.fstat(fd).st_size, 0
+        while pos < size:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+            starts.append(data)
+            ends.append(hole)
+            pos = hole
+    finally:
+        os.close(fd)
+    return RangeSet(starts, ends)

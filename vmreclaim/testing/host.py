@@ -425,3 +425,62 @@ class AgentPeer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+# -- a live image with a QMP monitor -------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def storage_daemon(
+    image: str | os.PathLike[str],
+    export: str | os.PathLike[str],
+    qmp: str | os.PathLike[str],
+    *,
+    fmt: str = "qcow2",
+    export_id: str = "disk0",
+    discard: bool = True,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``image`` held open by ``qemu-storage-daemon`` as a running VM would hold it, served
+    as a writable FUSE file ``export`` (losetup it for a block device), with a QMP monitor
+    at ``qmp`` so that the ``qemu`` hypervisor driver can describe it (disk id:
+    ``export_id``). With ``discard`` both block nodes pass discards to the image file."""
+    from vmreclaim.testing.helpers import require_root, require_tool
+
+    require_root()
+    require_tool("qemu-storage-daemon")
+    image, export, qmp = Path(image).resolve(), Path(export), Path(qmp)
+    export.touch()
+    unmap = ",discard=unmap" if discard else ""
+    proc = subprocess.Popen(
+        [
+            "qemu-storage-daemon",
+            "--blockdev", f"driver=file,node-name=file0,filename={image}{unmap}",
+            "--blockdev", f"driver={fmt},node-name=fmt0,file=file0{unmap}",
+            "--export", f"type=fuse,id={export_id},node-name=fmt0,mountpoint={export},writable=on",
+            "--chardev", f"socket,id=mon0,path={qmp},server=on,wait=off",
+            "--monitor", "chardev=mon0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                raise AssertionError(f"qemu-storage-daemon exited {proc.returncode}: {err}")
+            with open("/proc/self/mounts") as mounts:
+                if any(line.split()[1] == str(export) for line in mounts) and qmp.exists():
+                    break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"FUSE export {export} did not appear within 20s")
+            time.sleep(0.05)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        subprocess.run(["fusermount3", "-u", str(export)], capture_output=True)
