@@ -10,9 +10,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from vmreclaim.core.ranges import RangeSet
-
 from vmreclaim.core.config import HostConfig, load_config
+from vmreclaim.core.ranges import RangeSet
 from vmreclaim.host.daemon import HostDaemon
 from vmreclaim.testing.helpers import make_raw_image
 from vmreclaim.testing.host import host_config, static_vm

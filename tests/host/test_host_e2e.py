@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hosttest import MiB, AgentProcess, Writer, allocated, data_ranges, tree_extents
+from hosttest import AgentProcess, MiB, Writer, allocated, data_ranges, tree_extents
 
 from vmreclaim.core.extents import ExtentKind
 from vmreclaim.core.image import open_image
@@ -44,6 +44,10 @@ def wait(predicate: Callable[[], Any], timeout: float, what: str, diagnose: Call
     return time.monotonic() - started
 
 
+def explain(host: HostProcess, agent: AgentProcess) -> str:
+    return f"status: {host.status()}\n--- agent:\n{agent.logs()[-6000:]}\n--- host:\n{host.logs()[-6000:]}"
+
+
 def agent_ready(host: HostProcess) -> bool:
     vm = host.status()["vms"][0]
     disk = vm["disks"][0]
@@ -68,7 +72,7 @@ def test_loop_mounted_raw_image(tmp_path: Path, host_daemon: Callable[..., HostP
         agent = AgentProcess(tmp_path, channel, mnt).start()
 
         def diagnose() -> str:
-            return f"status: {host.status()}\n--- agent:\n{agent.logs()[-6000:]}\n--- host:\n{host.logs()[-6000:]}"
+            return explain(host, agent)
 
         try:
             wait(lambda: agent_ready(host), 60, "agent connected and existing free space reclaimed", diagnose)
@@ -167,7 +171,7 @@ def test_live_qcow2_served_by_qemu_storage_daemon(
             agent = AgentProcess(tmp_path, channel, mnt).start()
 
             def diagnose() -> str:
-                return f"status: {host.status()}\n--- agent:\n{agent.logs()[-6000:]}\n--- host:\n{host.logs()[-6000:]}"
+                return explain(host, agent)
 
             try:
                 wait(
