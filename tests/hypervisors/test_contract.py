@@ -58,7 +58,7 @@ def _libvirt(tmp_path: Path) -> Iterator[Hypervisor]:
         "hypervisors",
         "libvirt",
         Hypervisor,
-        opts(uri="test:///default", domains=[name], channel_transport="unix"),
+        opts(uri="test:///default", domains=[name]),
     )
     yield hv
     hv.close()
@@ -83,7 +83,7 @@ def _qemu(tmp_path: Path) -> Iterator[Hypervisor]:
         opts = loader.driver_class("hypervisors", "qemu").Options
         hv = loader.load_driver(
             "hypervisors", "qemu", Hypervisor,
-            opts.model_validate({"vms": [{"name": "vm1", "qmp": str(qmp)}], "connect_transport": "unix"}),
+            opts.model_validate({"vms": [{"name": "vm1", "qmp": str(qmp)}]}),
         )  # fmt: skip
         yield hv
         hv.close()

@@ -98,7 +98,6 @@ def domain(conn: Any) -> Iterator[Any]:
 
 def driver(**options: Any) -> LibvirtHypervisor:
     options.setdefault("uri", URI)
-    options.setdefault("channel_transport", "unix")
     cls = loader.driver_class("hypervisors", "libvirt")
     hv = cls(LibvirtOptions(**options))
     assert isinstance(hv, LibvirtHypervisor)
@@ -124,8 +123,10 @@ def test_disks_formats_discard_serial_target_and_channel(domain: Any) -> None:
         Disk(name, "vdc", Path(f"/dev/vg0/{name}"), "raw", False, None, "vdc"),
     )
     assert info.channel is not None
-    assert info.channel.driver == "unix"
-    assert Path(info.channel.options.path) == Path(f"/run/vmr/{name}.sock")  # type: ignore[attr-defined]
+    # QEMU binds the socket: the host end connects, through the virtio-serial transport.
+    assert info.channel.driver == "virtio-serial"
+    assert info.channel.options.path == Path(f"/run/vmr/{name}.sock")  # type: ignore[attr-defined]
+    assert info.channel.options.name == "org.vmreclaim.0"  # type: ignore[attr-defined]
     hv.close()
 
 

@@ -67,7 +67,7 @@ def qemu_domain(system_uri: str, tmp_path: Path) -> Iterator[tuple[Any, Path]]:
 
 
 def driver(uri: str, name: str, **options: Any) -> LibvirtHypervisor:
-    return LibvirtHypervisor(LibvirtOptions(uri=uri, domains=[name], channel_transport="unix", **options))
+    return LibvirtHypervisor(LibvirtOptions(uri=uri, domains=[name], **options))
 
 
 def test_live_domain_disks_and_channel_path(
@@ -82,7 +82,8 @@ def test_live_domain_disks_and_channel_path(
         "data0", image, "qcow2", True, "vda",
     )  # fmt: skip
     assert info.channel is not None
-    assert Path(info.channel.options.path) == tmp_path / "ch.sock"  # type: ignore[attr-defined]
+    assert info.channel.driver == "virtio-serial"
+    assert info.channel.options.path == tmp_path / "ch.sock"  # type: ignore[attr-defined]
     assert (tmp_path / "ch.sock").is_socket()  # QEMU bound it: the host end must connect
     assert hv.block_jobs(info.identity, disk) == []
     hv.close()

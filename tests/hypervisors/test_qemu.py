@@ -113,7 +113,6 @@ def qemu_vm(tmp_path: Path) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
 
 def driver(tmp_path: Path, **options: Any) -> QemuHypervisor:
     options.setdefault("vms", [{"name": "vm1", "qmp": str(tmp_path / "qmp.sock")}])
-    options.setdefault("connect_transport", "unix")
     hv = loader.driver_class("hypervisors", "qemu")(QemuOptions.model_validate(options))
     assert isinstance(hv, QemuHypervisor)
     return hv
@@ -132,8 +131,9 @@ def test_disks_state_and_channel_from_qmp(qemu_vm: Callable[[], Any], tmp_path: 
         assert (d1.id, d1.path, d1.format, d1.passes_discards, d1.serial) == (
             "blk1", tmp_path / "d1.raw", "raw", False, None,
         )  # fmt: skip
-        assert info.channel is not None and info.channel.driver == "unix"  # stands in for virtio-serial
-        assert Path(info.channel.options.path) == tmp_path / "ch.sock"  # type: ignore[attr-defined]
+        # QEMU listens on the port's socket (server=on): the host end connects.
+        assert info.channel is not None and info.channel.driver == "virtio-serial"
+        assert info.channel.options.path == tmp_path / "ch.sock"  # type: ignore[attr-defined]
         # Per-disk override of what the command line says.
         hv2 = driver(tmp_path, vms=[{"name": "vm1", "qmp": str(tmp_path / "qmp.sock"),
                                      "disks": [{"id": "data0", "discard": False}]}])  # fmt: skip
@@ -370,3 +370,26 @@ def test_discard_mode_from_the_command_line(
     argv: list[str], drive: str, chain: list[str], expected: bool
 ) -> None:
     assert _discard_from_cmdline(["qemu-system-x86_64", *argv], drive, chain) is expected
+
+
+def test_channel_transport_follows_who_listens(tmp_path: Path) -> None:
+    """QEMU listening on the port's socket (server=on) → the host connects
+    (virtio-serial); QEMU connecting to it → the host listens (unix)."""
+    hv = driver(tmp_path)
+    vm = hv.options.vms[0]
+    try:
+        bound = hv._channel(vm, f"disconnected:unix:{tmp_path / 'a.sock'},server=on")
+        assert bound is not None and bound.driver == "virtio-serial"
+        assert bound.options.path == tmp_path / "a.sock"  # type: ignore[attr-defined]
+        connecting = hv._channel(vm, f"unix:{tmp_path / 'b.sock'}")
+        assert connecting is not None and connecting.driver == "unix"
+        assert connecting.options.path == tmp_path / "b.sock"  # type: ignore[attr-defined]
+        assert hv._channel(vm, "pty:/dev/pts/3") is None  # not a socket: configure the channel
+        configured = hv._channel(
+            vm.model_copy(update={"channel": {"driver": "unix", "path": str(tmp_path / "c.sock")}}), None
+        )
+        assert configured is not None and configured.driver == "unix"
+        with pytest.raises(HypervisorError, match="configured channel"):
+            hv._channel(vm.model_copy(update={"channel": {"driver": "unix", "bogus": 1}}), None)
+    finally:
+        hv.close()
