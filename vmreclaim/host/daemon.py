@@ -32,7 +32,7 @@ from vmreclaim import __version__
 from vmreclaim.core import loader
 from vmreclaim.core.config import HostConfig
 from vmreclaim.core.errors import HypervisorError, VMReclaimError
-from vmreclaim.core.hypervisors import Hypervisor, VMInfo
+from vmreclaim.core.hypervisors import Hypervisor, VMEvent, VMInfo
 from vmreclaim.core.model import MAX_RANGES_PER_RECORD, DeletionRecord, Disk, VMIdentity
 from vmreclaim.core.pipeline import Pipeline
 from vmreclaim.core.plugins import Plugins
@@ -190,6 +190,13 @@ class HostDaemon:
             if vm in self.vms:
                 self.vms[vm].rejected = count
         loop = asyncio.get_running_loop()
+        if type(self.hypervisor).capabilities.events:
+            # Events are hints to list the VMs again now rather than at the next rescan.
+            def on_event(ev: VMEvent) -> None:
+                event(logging.INFO, "vm.event", vm=ev.vm.name, kind=ev.kind, detail=ev.detail)
+                loop.call_soon_threadsafe(self.request_rescan)
+
+            self.hypervisor.watch(on_event)
         self._critical = [
             loop.create_task(self.committer.run(), name="committer"),
             loop.create_task(self._schedule(), name="scheduler"),
