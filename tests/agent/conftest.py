@@ -20,7 +20,7 @@ from vmreclaim.testing.linux import loop_device, make_filesystem, mounted
 
 MiB = 1024 * 1024
 #: mkfs.xfs refuses filesystems under 300 MB.
-SIZES = {"ext4": 128 * MiB, "xfs": 320 * MiB, "vfat": 64 * MiB}
+SIZES = {"ext4": 128 * MiB, "xfs": 320 * MiB, "btrfs": 256 * MiB}
 
 
 @dataclass
@@ -65,7 +65,7 @@ class LoopFs:
 
 @pytest.fixture
 def loopfs(tmp_path: Path) -> Iterator[Callable[..., LoopFs]]:
-    """Factory: ``loopfs("ext4" | "xfs" | "vfat", partition=False, mkfs_args=())``."""
+    """Factory: ``loopfs("ext4" | "xfs" | "btrfs", partition=False, mkfs_args=())``."""
     require_root()
     stack = contextlib.ExitStack()
 
@@ -92,8 +92,8 @@ def loopfs(tmp_path: Path) -> Iterator[Callable[..., LoopFs]]:
                 subprocess.run(["partx", "-a", str(disk)], capture_output=True)
             assert part.exists(), f"no {part} after losetup -P and partx -a"
             device = part
-        if fstype == "vfat":
-            run(["mkfs.vfat", *mkfs_args, str(device)])
+        if fstype == "btrfs":
+            run(["mkfs.btrfs", "-q", "-f", *mkfs_args, str(device)])
         else:
             make_filesystem(device, fstype, *mkfs_args)
         mnt = stack.enter_context(mounted(device, tmp_path / f"{name}-mnt"))

@@ -227,18 +227,20 @@ class MountInfo:
 
 
 def find_mount(path: Path) -> MountInfo:
-    """The mount that holds ``path`` (the longest mount point that is a prefix of it and
-    has the same device)."""
+    """The mount that holds ``path``: the longest mount point that is ``path`` or one of
+    its parents; of several on the same point, the last (it hides the others).
+
+    The device numbers of mountinfo and ``stat`` are not compared: btrfs gives each
+    subvolume its own anonymous ``st_dev``.
+    """
     real = Path(os.path.realpath(path))
-    dev = os.stat(real).st_dev
     best: MountInfo | None = None
     with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
         for line in f:
             info = _parse_mountinfo(line)
-            if info is None or info.dev != dev:
+            if info is None or not (real == info.mount or info.mount in real.parents):
                 continue
-            inside = real == info.mount or info.mount in real.parents
-            if inside and (best is None or len(str(info.mount)) >= len(str(best.mount))):
+            if best is None or len(info.mount.parts) >= len(best.mount.parts):
                 best = info
     if best is None:
         raise TopologyError(f"{path}: no mount in /proc/self/mountinfo holds it")

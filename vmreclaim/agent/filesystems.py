@@ -73,19 +73,19 @@ class WatchedFs:
         self._fstype = info.fstype
         self.diskmap: DiskMap | None = None
         self.problem: str | None = None
+        self.mode: VerifyMode = "getfsmap"
+        try:
+            linux.free_space(self.fd, self.dev, 0, 1)
+        except linux.FsmapUnsupported as exc:
+            self.mode = "fitrim-only"
+            self.problem = f"{self._fstype} has no GETFSMAP ({os.strerror(exc.errno or 0)})"
+        except OSError as exc:
+            raise SetupError(f"filesystem {entry.mount}: GETFSMAP failed: {exc.strerror or exc}") from exc
         try:
             self.diskmap = topology.map_device(self.dev)
         except TopologyError as exc:
-            self.problem = str(exc)
-        self.mode: VerifyMode = "getfsmap"
-        if self.diskmap is None:
             self.mode = "fitrim-only"
-        else:
-            try:
-                linux.free_space(self.fd, self.dev, 0, 1)
-            except linux.FsmapUnsupported as exc:
-                self.mode = "fitrim-only"
-                self.problem = f"{self._fstype} has no GETFSMAP ({exc.strerror})"
+            self.problem = self.problem or str(exc)
         if entry.disk is not None:
             self.disk_id = entry.disk
         elif self.diskmap is not None and self.diskmap.disk.serial:

@@ -89,6 +89,7 @@ class FsWatcher:
         self.follow_up: float | None = None
         self.wake = asyncio.Event()
         self.last_trim = 0.0
+        self.trim_unsupported = False
         self.passes = 0
         self.task: asyncio.Task[None] | None = None
 
@@ -234,15 +235,19 @@ class FsWatcher:
 
     def _fitrim_only(self, reason: str) -> None:
         now = time.monotonic()
-        if reason == "scan" or now - self.last_trim < FITRIM_INTERVAL:
+        if reason == "scan" or self.trim_unsupported:
+            return
+        if now - self.last_trim < FITRIM_INTERVAL:
+            self.follow_up = self.last_trim + FITRIM_INTERVAL  # trim then, once
             return
         self.last_trim = now
         try:
+            self.fs.commit()  # freed blocks are only trimmable once committed
             trimmed = linux.fitrim(self.fs.fd, 0, 2**64 - 1, 0)
         except OSError as exc:
             if exc.errno == errno.EOPNOTSUPP:
                 log.info("%s: FITRIM not supported (the disk passes no discards)", self.fs.mount)
-                self.last_trim = float("inf")
+                self.trim_unsupported = True
             else:
                 log.error("%s: FITRIM failed: %s", self.fs.mount, exc.strerror)
             return
