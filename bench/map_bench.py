@@ -15,6 +15,7 @@ the bytes stored (data) before timing.
 
     python bench/map_bench.py                    # build, time, print the table
     python bench/map_bench.py --clusters 400000 --runs 9 --dir /var/tmp
+    python bench/map_bench.py --dir /var/tmp/mapbench --keep   # build once, time again later
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -98,19 +100,33 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--dir", type=Path, default=None, help="where to build (needs ~13 GiB free)")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the images in --dir and reuse them next time"
+    )
     args = parser.parse_args()
+    if args.keep and args.dir is None:
+        parser.error("--keep needs --dir")
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
     ours_cmd = vmreclaim_command()
     rows = []
-    with tempfile.TemporaryDirectory(prefix="vmreclaim-map-bench-", dir=args.dir) as tmp:
+    holder = (
+        nullcontext(str(args.dir))
+        if args.keep
+        else tempfile.TemporaryDirectory(prefix="vmreclaim-map-bench-", dir=args.dir)
+    )
+    with holder as tmp:
         work = Path(tmp)
-        images = [("qcow2", work / "scattered.qcow2", "qcow2"), ("vhd", work / "dynamic.vhd", "vpc")]
+        qcow2 = work / f"scattered-{args.clusters}-{args.seed}.qcow2"
+        vhd = work / f"dynamic-{args.seed}.vhd"
+        images = [("qcow2", qcow2, "qcow2"), ("vhd", vhd, "vpc")]
         with console.status("building a 64 GiB qcow2 and a 64 GiB VHD with qemu-io ..."):
-            build_qcow2(images[0][1], args.clusters, args.seed)
-            build_vhd(images[1][1], args.seed)
+            if not qcow2.exists():
+                build_qcow2(qcow2, args.clusters, args.seed)
+            if not vhd.exists():
+                build_vhd(vhd, args.seed)
         startup = timed([*ours_cmd, "--version"], args.runs)
         for name, path, qemu_fmt in images:
             ours = [*ours_cmd, "image", "map", "--json", "--format", name, str(path)]
