@@ -28,6 +28,7 @@ from vmreclaim.agent.fence import FenceKeeper, FenceState
 from vmreclaim.agent.filesystems import WatchedFs
 from vmreclaim.core import protocol as p
 from vmreclaim.core.config import FilesystemEntry
+from vmreclaim.core.ranges import RangeSet
 
 pytestmark = [pytest.mark.root]
 
@@ -270,38 +271,51 @@ def test_nothing_is_written_to_a_frozen_filesystem(
         agent.stop()
 
 
-def test_trim_runs_fitrim_on_exactly_the_ranges(
+def test_trim_runs_fitrim_on_the_ranges(
     tmp_path: Path, loopfs: Callable[..., LoopFs], peer: HostPeer
 ) -> None:
-    """Guest-trim mode: the loop device passes discards to its file as hole punches, so
-    the image file shows which ranges the kernel trimmed."""
+    """Guest-trim mode. The loop device passes discards to its file as hole punches, so
+    the image file shows what the kernel trimmed: the asked range, and never a block of
+    a live file. (ext4 trims a free run that starts inside the range to its end:
+    the kernel may discard more free space than asked, never used space.)"""
     with fenced_setup(tmp_path, loopfs, peer) as (fs, _agent, conn):
+        keep = write_file(fs.mount / "keep", 4 * MiB, seed=3)
         a = write_file(fs.mount / "a", 4 * MiB, seed=1)
-        b = write_file(fs.mount / "b", 4 * MiB, seed=2)
-        a_ext, b_ext = fs.extents(a), fs.extents(b)
+        a_ext, keep_ext = fs.extents(a), fs.extents(keep)
         a.unlink()
-        b.unlink()
         os.sync()
-        before = fs.allocated()
+        before = holes(fs.image)
         conn.send(p.Trim(fence=10, disk="disk0", ranges=p.ranges_to_pairs(a_ext)))
         done = conn.expect(p.TrimDone)
         assert done.error is None and done.trimmed_bytes >= a_ext.total
-        freed = before - fs.allocated()
-        assert a_ext.total <= freed < a_ext.total + 1 * MiB
-        with open(fs.image, "rb") as img:
-            for r in a_ext:
-                assert _is_hole(img.fileno(), r.start, r.length)
-            for r in b_ext:  # not asked: still allocated
-                assert not _is_hole(img.fileno(), r.start, r.length)
+        new = holes(fs.image).subtract(before)
+        # Nearly all of it: the kernel trims per block group and may leave a group's
+        # first blocks (and the host file's blocks are 4 KiB, the guest's 1 KiB).
+        assert new.intersect(a_ext).total >= 0.95 * a_ext.total
+        assert not new.intersect(keep_ext)
+        assert fs.free().contains(new.align_inward(4096))
         conn.send(p.Trim(fence=11, disk="nope", ranges=[[0, 4096]]))
         assert conn.expect(p.TrimDone).error
 
 
-def _is_hole(fd: int, start: int, length: int) -> bool:
+def holes(path: Path) -> RangeSet:
+    """The holes of a sparse file (SEEK_DATA / SEEK_HOLE)."""
+    out = []
+    fd = os.open(path, os.O_RDONLY)
     try:
-        return os.lseek(fd, start, os.SEEK_DATA) >= start + length
-    except OSError:
-        return True  # ENXIO: no data after start
+        size, off = os.fstat(fd).st_size, 0
+        while off < size:
+            try:
+                data = os.lseek(fd, off, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                out.append((off, size - off))
+                break
+            if data > off:
+                out.append((off, data - off))
+            off = os.lseek(fd, data, os.SEEK_HOLE)
+    finally:
+        os.close(fd)
+    return RangeSet.from_ranges(out)
 
 
 def test_two_fences_one_disk_refused_other_ok(
