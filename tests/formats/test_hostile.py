@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from formats.imagetools import MiB, cli, qemu_img_create, qemu_io
+from formats.imagetools import MiB, cli, qemu_img_create, qemu_io, sh
 from vmreclaim.core.image import open_image
 
 pytestmark = pytest.mark.qemu
@@ -138,3 +138,49 @@ def test_vhd_bat_past_the_end_is_refused(tmp_path: Path, capsys: Any) -> None:
     put(img, 1536, ">I", 0x7FFFFFF0)  # block 0 far past the end
     code, _, err = cli(capsys, "image", "map", str(img), "--json")
     assert code == 4 and "block allocation table at 0x600: block 0 at 0xffffffe000" in err, err
+
+
+def data_file_image(tmp_path: Path, data: Path) -> Path:
+    img = qemu_img_create(tmp_path / "df.qcow2", 4 * MiB, data_file=str(data))
+    qemu_io(img, "write -P 1 0 1M")
+    return img
+
+
+def test_data_file_elsewhere_or_behind_a_link_is_never_punched(tmp_path: Path, capsys: Any) -> None:
+    """The data file's name comes from the (untrusted) image: punch only a plain file
+    next to the image that is not itself an image."""
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    img = data_file_image(tmp_path, other / "d.raw")
+    code, _, err = cli(capsys, "image", "reclaim", str(img), "--range", "0:65536", "--json")
+    assert code == 4 and "not in the image's directory" in err, err
+    assert (other / "d.raw").read_bytes()[:65536] == b"\x01" * 65536
+    # A symbolic link next to the image, pointing elsewhere.
+    (tmp_path / "link.raw").symlink_to(other / "d.raw")
+    img2 = qemu_img_create(tmp_path / "df2.qcow2", 4 * MiB, data_file=str(tmp_path / "link.raw"))
+    code, _, err = cli(capsys, "image", "reclaim", str(img2), "--range", "0:65536", "--json")
+    assert code == 4 and "not a regular file" in err, err
+    # Map still works: offsets into the data file.
+    code, doc, _ = cli(capsys, "image", "map", str(img), "--json")
+    assert code == 0 and doc[0] == {"start": 0, "length": MiB, "kind": "data", "offset": 0}
+
+
+def test_data_file_that_is_another_image_is_never_punched(tmp_path: Path, capsys: Any) -> None:
+    img = data_file_image(tmp_path, tmp_path / "d.raw")
+    # The name now leads to another VM's qcow2 image (here: its bytes under that name).
+    victim = qemu_img_create(tmp_path / "d.raw", 4 * MiB)
+    qemu_io(victim, "write -P 9 0 2M")
+    before = victim.read_bytes()
+    code, _, err = cli(capsys, "image", "reclaim", str(img), "--range", "0:1048576", "--json")
+    assert code == 4 and "is itself a qcow2 or VHD image" in err, err
+    assert victim.read_bytes() == before
+
+
+def test_fifo_backing_file_does_not_hang(tmp_path: Path, capsys: Any) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "pipe")
+    img = tmp_path / "t.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "pipe", "-F", "raw", img, "1M")
+    code, _, err = cli(capsys, "image", "map", str(img), "--json")
+    assert code == 4 and "not a regular file or block device" in err, err

@@ -54,7 +54,9 @@ class ImageFile:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         try:
-            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO named by a hostile header (a backing file) must not
+            # hang the open; it is refused just below, like any non-file.
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError as exc:
             raise UsageError(f"{self.path}: no such image file") from exc
         except IsADirectoryError as exc:
@@ -72,6 +74,7 @@ class ImageFile:
             os.close(self.fd)
             raise UsageError(f"{self.path}: not a regular file or block device")
         self.is_block_device = stat.S_ISBLK(st.st_mode)
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
 
     def read(self, offset: int, length: int, what: str) -> bytes:
         """``length`` bytes at ``offset``; ``what`` names the structure for errors."""

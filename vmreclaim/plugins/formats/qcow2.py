@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -196,6 +197,34 @@ class Qcow2Image(Image):
                 "refcounts cannot be trusted; run `qemu-img check -r all` or open and close it in QEMU"
             )
         self.metadata_ranges()  # validates that no two structures overlap
+        if self._data_file is not None:
+            self._check_data_file()
+
+    def _check_data_file(self) -> None:
+        """Punching follows a file name read from the image: keep that name from aiming
+        at anything but a plain file that sits next to the image and is no image itself.
+
+        A hostile header could name a disk device or another VM's image. QEMU itself
+        would write guest data there as soon as the VM runs; vmreclaim refuses to punch.
+        """
+        df = self._data_file
+        assert df is not None
+        where = f"{self.file.path}: qcow2 external data file {df.path}"
+        try:
+            st = os.lstat(df.path)
+        except OSError as exc:
+            raise UnsupportedImageError(f"{where} cannot be examined: {exc.strerror}") from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsupportedImageError(
+                f"{where} is not a regular file (a link or a device); refusing to punch it"
+            )
+        if os.path.realpath(df.path.parent) != os.path.realpath(self.file.path.parent):
+            raise UnsupportedImageError(
+                f"{where} is not in the image's directory; refusing to punch a file the image names elsewhere"
+            )
+        head = df.read(0, 8, "data file head") if df.size >= 8 else b""
+        if head[:4] == hdr.MAGIC or head == b"conectix":
+            raise UnsupportedImageError(f"{where} is itself a qcow2 or VHD image; refusing to punch it")
 
     def info(self) -> dict[str, Any]:
         h = self.header
