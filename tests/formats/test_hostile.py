@@ -4,6 +4,7 @@ that names the structure and its offset, never a traceback, never a punch."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import struct
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ def load_fuzzer() -> Any:
     return module
 
 
+@pytest.mark.slow
 def test_a_few_hundred_fuzz_cases_crash_nothing() -> None:
     """The suite's share of ``bench/fuzz_images.py`` (which runs 10,000 and more)."""
     result = load_fuzzer().run(300, seed=20261125)
@@ -177,10 +179,25 @@ def test_data_file_that_is_another_image_is_never_punched(tmp_path: Path, capsys
 
 
 def test_fifo_backing_file_does_not_hang(tmp_path: Path, capsys: Any) -> None:
-    import os
-
     os.mkfifo(tmp_path / "pipe")
     img = tmp_path / "t.qcow2"
     sh("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "pipe", "-F", "raw", img, "1M")
     code, _, err = cli(capsys, "image", "map", str(img), "--json")
     assert code == 4 and "not a regular file or block device" in err, err
+
+
+def test_io_errors_are_mapped_to_image_errors(qcow2: Path) -> None:
+    """OSError from the kernel is mapped at the boundary (STYLE.md point 14)."""
+    import numpy as np
+
+    from vmreclaim.core.errors import ImageError
+    from vmreclaim.core.formats import ImageFile
+
+    f = ImageFile(qcow2)
+    fd = f.fd
+    os.close(fd)  # the descriptor is gone: EBADF on every read
+    with pytest.raises(ImageError, match="reading qcow2 header at 0x0 failed"):
+        f.read(0, 512, "qcow2 header")
+    with pytest.raises(ImageError, match="reading L2 table at 0x10000 failed"):
+        f.read_many(np.array([65536], dtype=np.int64), 512, "L2 table")
+    f.fd = -1

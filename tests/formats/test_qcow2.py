@@ -125,6 +125,7 @@ def build(tmp: Path, plan: dict[str, object]) -> Path:
     return top
 
 
+@pytest.mark.slow
 @settings(max_examples=EXAMPLES, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(plan=image_plans())
 def test_map_agrees_with_qemu_img_map(
@@ -211,6 +212,7 @@ def test_external_data_file_maps_into_the_data_file(tmp_path: Path) -> None:
         assert image.read(MiB, 4096) == b"\x05" * 4096
 
 
+@pytest.mark.slow  # LUKS key derivation
 def test_luks_image_maps_but_cannot_be_read(tmp_path: Path) -> None:
     img = tmp_path / "e.qcow2"
     sh("qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=pw",

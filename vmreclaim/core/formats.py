@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vmreclaim.core.driver import Driver
-from vmreclaim.core.errors import CorruptImageError, UnsupportedImageError, UsageError
+from vmreclaim.core.errors import CorruptImageError, ImageError, UnsupportedImageError, UsageError
 from vmreclaim.core.extents import ExtentKind, ExtentMap
 from vmreclaim.core.ranges import ByteRange, RangeSet
 
@@ -85,7 +85,10 @@ class ImageFile:
                 f"{self.path}: {what} at {offset:#x} (+{length:#x}) lies past end of file "
                 f"(size {self.size:#x})"
             )
-        data = os.pread(self.fd, length, offset)
+        try:
+            data = os.pread(self.fd, length, offset)
+        except OSError as exc:  # EIO from a failing disk, EBADF after close: not a bug here
+            raise ImageError(f"{self.path}: reading {what} at {offset:#x} failed: {exc.strerror}") from exc
         if len(data) != length:
             raise CorruptImageError(
                 f"{self.path}: short read of {what} at {offset:#x}: {len(data)} of {length} bytes"
@@ -138,7 +141,12 @@ class ImageFile:
         def read_runs(part: list[tuple[int, int, int]]) -> None:
             for lo, hi, at in part:
                 want = (hi - lo) * length
-                got = os.preadv(self.fd, [buf[lo:hi].data], at)
+                try:
+                    got = os.preadv(self.fd, [buf[lo:hi].data], at)
+                except OSError as exc:
+                    raise ImageError(
+                        f"{self.path}: reading {what} at {at:#x} failed: {exc.strerror}"
+                    ) from exc
                 if got != want:
                     raise CorruptImageError(
                         f"{self.path}: short read of {what} at {at:#x}: {got} of {want} bytes"
