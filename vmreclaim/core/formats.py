@@ -184,6 +184,26 @@ class ImageFile:
         self.close()
 
 
+def first_overlap(starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64]) -> tuple[int, int] | None:
+    """Indices ``(i, j)`` of two ranges that overlap (``j`` starts inside ``i``), or ``None``.
+
+    Drivers check their structures with it: two tables, blocks or bitmaps sharing host
+    bytes mean a corrupt (or hostile) image. Vectorised: one sort, one running maximum.
+    """
+    if starts.size < 2:
+        return None
+    order = np.argsort(starts, kind="stable")
+    s = starts[order]
+    e = s + lengths[order]
+    run_end = np.maximum.accumulate(e)
+    clash = np.flatnonzero(s[1:] < run_end[:-1])
+    if not clash.size:
+        return None
+    k = int(clash[0]) + 1
+    holder = int(np.flatnonzero(e[:k] > s[k])[-1])
+    return int(order[holder]), int(order[k])
+
+
 #: How a format driver asks the core to open another image (a backing file) with
 #: format detection and the same safety rules; drivers never load drivers themselves.
 ImageOpener = Callable[[Path, str], "Image"]

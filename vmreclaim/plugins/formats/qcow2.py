@@ -43,7 +43,14 @@ from vmreclaim.core.errors import (
     VMReclaimError,
 )
 from vmreclaim.core.extents import NO_OFFSET, ExtentKind, ExtentMap, trim_to_window
-from vmreclaim.core.formats import FormatCapabilities, Image, ImageFile, ImageFormat, ImageOpener
+from vmreclaim.core.formats import (
+    FormatCapabilities,
+    Image,
+    ImageFile,
+    ImageFormat,
+    ImageOpener,
+    first_overlap,
+)
 from vmreclaim.core.ranges import ByteRange, RangeSet
 from vmreclaim.plugins.formats import _qcow2_header as hdr
 from vmreclaim.plugins.formats._qcow2_header import Header
@@ -680,19 +687,14 @@ class Qcow2Image(Image):
             add("LUKS encryption header", h.crypto_area[0], clusters_of(h.crypto_area[1]))
         s = np.concatenate(starts)
         n = np.concatenate(lengths)
-        order = np.argsort(s, kind="stable")
-        s, n = s[order], n[order]
-        ends = s + n
-        run_end = np.maximum.accumulate(ends)
-        clash = np.flatnonzero(s[1:] < run_end[:-1])
-        if clash.size:
-            i = int(clash[0]) + 1
-            j = int(np.flatnonzero(ends[:i] > s[i])[-1])
+        clash = first_overlap(s, n)
+        if clash is not None:
+            i, j = clash
             raise CorruptImageError(
-                f"{self.file.path}: qcow2 {names[int(order[i])]} at {int(s[i]):#x} overlaps the "
-                f"{names[int(order[j])]} at {int(s[j]):#x}"
+                f"{self.file.path}: qcow2 {names[j]} at {int(s[j]):#x} overlaps the "
+                f"{names[i]} at {int(s[i]):#x}"
             )
-        return RangeSet(s, ends)
+        return RangeSet(s, s + n)
 
     # -- compressed clusters ---------------------------------------------------------------------
 

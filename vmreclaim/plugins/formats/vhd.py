@@ -38,7 +38,14 @@ from vmreclaim.core.errors import (
     UsageError,
 )
 from vmreclaim.core.extents import NO_OFFSET, ExtentKind, ExtentMap, trim_to_window
-from vmreclaim.core.formats import FormatCapabilities, Image, ImageFile, ImageFormat, ImageOpener
+from vmreclaim.core.formats import (
+    FormatCapabilities,
+    Image,
+    ImageFile,
+    ImageFormat,
+    ImageOpener,
+    first_overlap,
+)
 from vmreclaim.core.ranges import ByteRange, RangeSet
 
 SECTOR = 512
@@ -263,11 +270,9 @@ class VhdImage(Image):
                     f"{where}: block {i} at {int(bat[i]):#x} (+{span:#x}) lies past end of file (size "
                     f"{self.file.size:#x})"
                 )
-            order = np.argsort(bat[used], kind="stable")
-            sorted_offs = bat[used][order]
-            clash = np.flatnonzero(sorted_offs[1:] < sorted_offs[:-1] + span)
-            if clash.size:
-                a, b = int(used[order[clash[0]]]), int(used[order[clash[0] + 1]])
+            clash = first_overlap(bat[used], np.full(used.size, span, dtype=np.int64))
+            if clash is not None:
+                a, b = int(used[clash[0]]), int(used[clash[1]])
                 raise CorruptImageError(
                     f"{where}: block {b} at {int(bat[b]):#x} overlaps block {a} at {int(bat[a]):#x}"
                 )
@@ -327,22 +332,16 @@ class VhdImage(Image):
         span = (self.header.block_size + self._bitmap_bytes) if self.header is not None else 0
         # No structure may overlap another or any block (its bitmap and its data).
         s = np.concatenate([starts, used])
-        e = s + np.concatenate([lengths, np.full(used.size, span, dtype=np.int64)])
-        order = np.argsort(s, kind="stable")
-        s_sorted, e_sorted = s[order], e[order]
-        run_end = np.maximum.accumulate(e_sorted)
-        clash = np.flatnonzero(s_sorted[1:] < run_end[:-1])
-        if clash.size:
-            i = int(clash[0]) + 1
-            j = int(np.flatnonzero(e_sorted[:i] > s_sorted[i])[-1])
+        n = np.concatenate([lengths, np.full(used.size, span, dtype=np.int64)])
+        clash = first_overlap(s, n)
+        if clash is not None:
 
             def name(k: int) -> str:
-                idx = int(order[k])
-                if idx < len(names):
-                    return f"{names[idx]} at {int(s_sorted[k]):#x}"
-                return f"block {int(np.flatnonzero(self._bat == s_sorted[k])[0])} at {int(s_sorted[k]):#x}"
+                if k < len(names):
+                    return f"{names[k]} at {int(s[k]):#x}"
+                return f"block {int(np.flatnonzero(self._bat == s[k])[0])} at {int(s[k]):#x}"
 
-            raise CorruptImageError(f"{self.file.path}: VHD {name(i)} overlaps the {name(j)}")
+            raise CorruptImageError(f"{self.file.path}: VHD {name(clash[1])} overlaps the {name(clash[0])}")
         bitmaps = np.full(used.size, self._bitmap_bytes, dtype=np.int64)
         all_starts = np.concatenate([starts, used])
         return RangeSet(all_starts, all_starts + np.concatenate([lengths, bitmaps]))
