@@ -9,6 +9,7 @@ the watchdog thread alone with no event loop at all.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -261,7 +262,7 @@ def test_nothing_is_written_to_a_frozen_filesystem(
         # After the thaw the spool catches up: its sequence counter passes the record.
         deadline = time.monotonic() + 10
         while True:
-            with sqlite3.connect(spool_db) as db:
+            with contextlib.closing(sqlite3.connect(spool_db)) as db:
                 (nseq,) = db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
             if nseq > seq or time.monotonic() > deadline:
                 break
