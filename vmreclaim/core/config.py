@@ -109,7 +109,7 @@ class ReclaimConfig(StrictModel):
     #: Every disk with pending bytes is put to the policy at least this often.
     tick_seconds: float = Field(default=2.0, gt=0, le=3600)
     #: Reclaims running at the same time (each on a different disk).
-    parallel: int = Field(default=2, ge=1, le=64)
+    parallel: int = Field(default=4, ge=1, le=64)
     #: After a failed or refused reclaim a disk waits 1 s, 2 s, 4 s ... up to this.
     retry_max_seconds: float = Field(default=300.0, gt=0)
     #: How long guest-trim mode may take before the host gives up waiting.

@@ -163,9 +163,12 @@ def _bulk_ranges(raw: list[Any], disk_size: int | None) -> RangeSet | None:
     except OverflowError:
         return None
     starts, lengths = pairs[:, 0], pairs[:, 1]
-    if bool((starts < 0).any()) or bool((lengths <= 0).any()) or bool((starts > MAX_OFFSET - lengths).any()):
+    ends = starts + lengths  # wraps only where the overflow test below fails anyway
+    bad = (starts < 0) | (lengths <= 0) | (starts > MAX_OFFSET - lengths)
+    if disk_size is not None:
+        bad |= ends > disk_size
+    if bad.any():
         return None
-    ends = starts + lengths
-    if disk_size is not None and bool((ends > disk_size).any()):
-        return None
-    return RangeSet(starts, ends)
+    # Agents send their ranges sorted and coalesced; then there is nothing to normalise.
+    ordered = len(pairs) < 2 or bool((starts[1:] > ends[:-1]).all())
+    return RangeSet(starts, ends, _normalised=ordered)

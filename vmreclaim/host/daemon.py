@@ -419,28 +419,35 @@ class HostDaemon:
     def _committed(self, batch: list[tuple[Incoming, int]]) -> None:
         """A batch is durable: track its ranges and tell the observers (before the acks)."""
         self.metrics.commits.inc()
+        per_disk: dict[str, list[int]] = {}
         for item, rid in batch:
             rec = item.record
+            size = rec.bytes
             rt = self.disks.get(item.key)
             if rt is None:
-                self.orphans.setdefault(item.key, PendingRanges()).add(rid, item.received, rec.ranges)
+                self.orphans.setdefault(item.key, PendingRanges()).add(rid, item.received, rec.ranges, size)
                 continue
-            rt.pending.add(rid, item.received, rec.ranges)
-            rt.totals.received_records += 1
-            rt.totals.received_bytes += rec.bytes
-            vm, disk_id = rt.disk.vm, rt.disk.id
-            self.metrics.records.labels(vm, disk_id).inc()
-            self.metrics.ranges.labels(vm, disk_id).inc(len(rec.ranges))
-            self.metrics.deleted_bytes.labels(vm, disk_id).inc(rec.bytes)
-            self._dirty.add(item.key)
+            rt.pending.add(rid, item.received, rec.ranges, size)
+            acc = per_disk.setdefault(item.key, [0, 0, 0])
+            acc[0] += 1
+            acc[1] += len(rec.ranges)
+            acc[2] += size
             try:
-                self.pipeline.plugins.record_received(vm=VMIdentity(vm), record=rec)
+                self.pipeline.plugins.record_received(vm=VMIdentity(rt.disk.vm), record=rec)
             except Exception as exc:  # an observer's bug must not cost an ack
                 bug("a vmreclaim_record_received hook failed", exc)
-        for key in {item.key for item, _ in batch}:
-            rt = self.disks.get(key)
-            if rt is not None:
-                self.metrics.pending.labels(rt.disk.vm, rt.disk.id).set(rt.pending.bytes_upper)
+        # Counters once per disk and batch: a batch may hold thousands of records.
+        m = self.metrics
+        for key, (records, ranges, size) in per_disk.items():
+            rt = self.disks[key]
+            rt.totals.received_records += records
+            rt.totals.received_bytes += size
+            labels = (rt.disk.vm, rt.disk.id)
+            m.records.labels(*labels).inc(records)
+            m.ranges.labels(*labels).inc(ranges)
+            m.deleted_bytes.labels(*labels).inc(size)
+            m.pending.labels(*labels).set(rt.pending.bytes_upper)
+            self._dirty.add(key)
         self._poke.set()
 
     def rejected(self, vm: str, reason: str, kind: str) -> None:

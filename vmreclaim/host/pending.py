@@ -60,12 +60,12 @@ class PendingRanges:
         pending._merged = ranges
         return pending
 
-    def add(self, rid: int, received: float, ranges: RangeSet) -> None:
-        """A record (ids increase) became durable."""
+    def add(self, rid: int, received: float, ranges: RangeSet, total: int | None = None) -> None:
+        """A record (ids increase) became durable; ``total`` is ``ranges.total`` if known."""
         self._records.append((rid, received))
         self._fresh.append((rid, ranges))
         self._fresh_ranges += len(ranges)
-        self._fresh_bytes += ranges.total
+        self._fresh_bytes += ranges.total if total is None else total
         # While a reclaim works on a snapshot, newer records stay apart so that consume()
         # can keep them; merging resumes afterwards.
         if self._snapshot_upto is None and self._fresh_ranges > max(MERGE_AT, len(self._merged)):
