@@ -69,14 +69,18 @@ def _fill_digits(out: npt.NDArray[np.uint8], col: int, width: int, values: Int64
     """Write ``values`` right-aligned in ``out[:, col:col+width]`` as ASCII digits.
 
     Leading positions stay 0 (padding); the last digit is always written, so 0 prints.
+    Digits are built column-major (contiguous writes) and copied into place once.
     """
     v = np.array(values, dtype=np.int64)
-    for j in range(col + width - 1, col - 1, -1):
-        digit = (v % 10 + 48).astype(np.uint8)
-        if j != col + width - 1:
-            digit[v == 0] = 0
-        out[:, j] = digit
-        v //= 10
+    digits = np.empty((width, v.size), dtype=np.uint8)
+    for j in range(width - 1, -1, -1):
+        v, rest = np.divmod(v, 10)
+        d = rest.astype(np.uint8)
+        d += 48
+        if j != width - 1:
+            d *= (v != 0) | (rest != 0)  # a leading zero is padding
+        digits[j] = d
+    out[:, col : col + width] = digits.T
 
 
 #: Rows rendered per piece by :meth:`ExtentMap.write_json` (fits a core's cache).
@@ -149,7 +153,7 @@ class ExtentMap:
     cluster in numpy and call :meth:`merged` once at the end.
     """
 
-    __slots__ = ("starts", "lengths", "kinds", "offsets")
+    __slots__ = ("kinds", "lengths", "offsets", "starts")
 
     def __init__(
         self,
