@@ -316,7 +316,7 @@ class Qcow2Image(Image):
     def _qemu_io(self, commands: list[str]) -> None:
         import subprocess  # deep mode only: keep `image map` start-up lean
 
-        argv = ["qemu-io", "-f", "qcow2", "-d", "unmap", "-t", "none", str(self.file.path)]
+        argv = ["qemu-io", "-f", "qcow2", "-d", "unmap", str(self.file.path)]
         try:
             proc = subprocess.run(
                 argv,
