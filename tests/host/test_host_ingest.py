@@ -8,6 +8,7 @@ import json
 import sqlite3
 from pathlib import Path
 
+import pytest
 from hosttest import MiB, Site, eventually, running
 
 from vmreclaim.core.model import MAX_RANGES_PER_RECORD
@@ -273,5 +274,25 @@ def test_status_shows_pending_per_disk(site: Site) -> None:
             assert disk["received_records"] == 2 and disk["punched_bytes"] == 0
             assert vm1["agent"]["connected"] is True
             assert doc["policy"]["driver"] == "watermark"
+
+    asyncio.run(main())
+
+
+def test_a_disk_with_a_full_backlog_refuses_more(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmreclaim.host import daemon as daemon_mod
+
+    monkeypatch.setattr(daemon_mod, "MAX_PENDING_RANGES", 10)
+    ch, _ = two_vms(site)
+    config = site.config(policy=HOLD)
+
+    async def main() -> None:
+        async with running(config) as daemon, AgentPeer(ch) as peer:
+            first = await peer.send_record([(i * 8192, 4096) for i in range(8)])
+            await peer.wait_answered(first)
+            await eventually(lambda: daemon.disks["vm1/disk0"].pending.records == 1)
+            second = await peer.send_record([((1 << 20) + i * 8192, 4096) for i in range(8)])
+            await peer.wait_answered(second)
+            assert first in peer.acked
+            assert "pending ranges (limit 10); refused" in peer.nacked[second]
 
     asyncio.run(main())

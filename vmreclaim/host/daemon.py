@@ -403,7 +403,7 @@ class HostDaemon:
         if rt.pending.ranges_upper + len(record.ranges) > MAX_PENDING_RANGES:
             return (
                 f"disk {disk.key} already has {rt.pending.ranges_upper} pending ranges "
-                f"(limit {MAX_PENDING_RANGES}); send it again after the next reclaim"
+                f"(limit {MAX_PENDING_RANGES}); refused, its blocks stay allocated"
             )
         return None
 
