@@ -338,7 +338,11 @@ class HostDaemon:
                 event(logging.INFO, "channel.listening", vm=name, channel=transport.describe())
                 await transport.serve(handler)
                 return
-            except VMReclaimError as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a transport that cannot listen now may later
+                if not isinstance(exc, VMReclaimError | OSError):
+                    bug(f"transport of VM {name} failed", exc)
                 event(logging.ERROR, "channel.failed", vm=name, error=str(exc), retry_seconds=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 60.0)
@@ -666,14 +670,21 @@ class HostDaemon:
 
     async def status_document(self) -> dict[str, Any]:
         """The ``vmreclaim status --json`` document (DESIGN.md section 8)."""
-        if type(self.hypervisor).capabilities.live_state:
-            for vmrt in list(self.vms.values()):
-                with contextlib.suppress(Exception):
-                    info = await asyncio.wait_for(
-                        self._thread(self.hypervisor.refresh, vmrt.info.identity), 2.0
-                    )
-                    if info is not None:
-                        vmrt.info = info
+        if type(self.hypervisor).capabilities.live_state and self.vms:
+            # Running state as of now, but a slow hypervisor delays the answer by 2 s at most.
+            runtimes = list(self.vms.values())
+            asks = [
+                asyncio.ensure_future(self._thread(self.hypervisor.refresh, v.info.identity))
+                for v in runtimes
+            ]
+            await asyncio.wait(asks, timeout=2.0)
+            for vmrt, ask in zip(runtimes, asks, strict=True):
+                if not ask.done():
+                    ask.cancel()
+                elif not ask.cancelled() and ask.exception() is None:
+                    fresh = ask.result()
+                    if fresh is not None:
+                        vmrt.info = fresh
         policy_state = self.policy.state()
         now, mono = time.time(), time.monotonic()
         vms = []
