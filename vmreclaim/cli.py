@@ -14,16 +14,19 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmreclaim import __version__
-from vmreclaim.core import loader
-from vmreclaim.core.config import CONFIG_KINDS, detect_kind, load_config
 from vmreclaim.core.errors import RangeError, UsageError, VMReclaimError
-from vmreclaim.core.image import AUTO, open_image
-from vmreclaim.core.model import Disk
-from vmreclaim.core.pipeline import Pipeline
-from vmreclaim.core.ranges import ByteRange, RangeSet
+
+if TYPE_CHECKING:
+    from vmreclaim.core.ranges import RangeSet
+
+# Commands import what they need inside their function: a short command such as
+# `image map` then starts without pydantic, YAML or the daemons' modules.
+
+#: ``--format`` default and ``format:`` value: probe the installed format drivers.
+AUTO = "auto"
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -70,6 +73,8 @@ def _size(n: int) -> str:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
+    from vmreclaim.core import loader
+
     drivers = [d for kind in loader.KINDS for d in loader.installed(kind)]
     if args.json:
         _emit_json(
@@ -95,6 +100,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    from vmreclaim.core.config import CONFIG_KINDS, detect_kind, load_config
+
     kind = args.kind or detect_kind(args.file)
     load_config(args.file, CONFIG_KINDS[kind])
     if not args.quiet:
@@ -103,6 +110,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_image_info(args: argparse.Namespace) -> int:
+    from vmreclaim.core.image import open_image
+
     with open_image(args.image, args.format) as image:
         info = image.info()
     if args.json:
@@ -115,6 +124,9 @@ def cmd_image_info(args: argparse.Namespace) -> int:
 
 
 def cmd_image_map(args: argparse.Namespace) -> int:
+    from vmreclaim.core.image import open_image
+    from vmreclaim.core.ranges import ByteRange
+
     with open_image(args.image, args.format) as image:
         size = image.virtual_size
         start = args.start
@@ -132,6 +144,10 @@ def cmd_image_map(args: argparse.Namespace) -> int:
 
 
 def cmd_image_reclaim(args: argparse.Namespace) -> int:
+    from vmreclaim.core.image import open_image
+    from vmreclaim.core.model import Disk
+    from vmreclaim.core.pipeline import Pipeline
+
     ranges = _requested_ranges(args)
     with open_image(args.image, args.format) as image:
         disk = Disk(vm="", id=Path(args.image).name, path=Path(args.image), format=image.format_name)
@@ -154,6 +170,8 @@ def cmd_image_reclaim(args: argparse.Namespace) -> int:
 
 
 def _requested_ranges(args: argparse.Namespace) -> RangeSet:
+    from vmreclaim.core.ranges import RangeSet
+
     if args.ranges_file is not None:
         pairs = _read_ranges_file(args.ranges_file)
     else:
@@ -229,14 +247,14 @@ def cmd_image_sparsify(args: argparse.Namespace) -> int:
 def cmd_agent(args: argparse.Namespace) -> int:
     # Owned by the agent work (issue 6): vmreclaim.agent.main.run_agent.
     from vmreclaim.agent.main import run_agent
-    from vmreclaim.core.config import AgentConfig
+    from vmreclaim.core.config import AgentConfig, load_config
 
     return run_agent(load_config(args.config, AgentConfig))
 
 
 def cmd_host(args: argparse.Namespace) -> int:
     # Owned by the host daemon work (issue 7): vmreclaim.host.daemon.run_host.
-    from vmreclaim.core.config import HostConfig
+    from vmreclaim.core.config import HostConfig, load_config
     from vmreclaim.host.daemon import run_host
 
     return run_host(load_config(args.config, HostConfig))
@@ -304,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = config.add_parser("check", help="validate a host or agent configuration file")
     p.add_argument("file", type=Path)
-    p.add_argument("--kind", choices=sorted(CONFIG_KINDS), help="default: from the file's keys")
+    p.add_argument("--kind", choices=("agent", "host"), help="default: from the file's keys")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_config_check)
 

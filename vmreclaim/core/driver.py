@@ -10,19 +10,32 @@ own module of ``vmreclaim.core`` (``formats``, ``policies``, ...).
 from __future__ import annotations
 
 from abc import ABC
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
-
-
-class DriverOptions(BaseModel):
-    """Base of every driver's options model: unknown keys are errors, values frozen."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+if TYPE_CHECKING:
+    from vmreclaim.core.options import DriverOptions as DriverOptions
+    from vmreclaim.core.options import NoOptions as NoOptions
 
 
-class NoOptions(DriverOptions):
-    """The options model of a driver that takes none."""
+def __getattr__(name: str) -> Any:
+    # DriverOptions and NoOptions are importable from here, but live in
+    # vmreclaim.core.options and are imported on first use: drivers without options
+    # then never pay for importing pydantic.
+    if name in ("DriverOptions", "NoOptions"):
+        from vmreclaim.core import options
+
+        return getattr(options, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _NoOptionsByDefault:
+    """``Driver.Options`` until a subclass sets its own model: ``NoOptions``, looked up
+    lazily (see the module's ``__getattr__``)."""
+
+    def __get__(self, instance: object, owner: type) -> type[DriverOptions]:
+        from vmreclaim.core.options import NoOptions
+
+        return NoOptions
 
 
 class Driver(ABC):  # noqa: B024 (each kind's subclass adds the abstract methods)
@@ -36,7 +49,14 @@ class Driver(ABC):  # noqa: B024 (each kind's subclass adds the abstract methods
     #: The kind this driver belongs to (``"formats"``, ``"policies"``, ...).
     kind: ClassVar[str] = ""
     #: The options model the YAML block of this driver is validated against.
-    Options: ClassVar[type[DriverOptions]] = NoOptions
+    Options: ClassVar[type[DriverOptions]] = _NoOptionsByDefault()  # type: ignore[assignment]
 
     def __init__(self, options: DriverOptions | None = None) -> None:
-        self.options = options if options is not None else self.Options()
+        self._options = options
+
+    @property
+    def options(self) -> DriverOptions:
+        """The validated options (the model's defaults when none were given)."""
+        if self._options is None:
+            self._options = self.Options()
+        return self._options

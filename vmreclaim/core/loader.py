@@ -12,16 +12,20 @@ reason. There is no silent fallback.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from stevedore import DriverManager
 from stevedore.exception import NoMatches
 
-from vmreclaim.core.driver import Driver, DriverOptions
+from vmreclaim.core.driver import Driver
 from vmreclaim.core.errors import DriverLoadError, DriverNotFoundError
+
+if TYPE_CHECKING:
+    from vmreclaim.core.options import DriverOptions
 
 #: Every plugin kind, in pipeline order; the folder names under ``vmreclaim/plugins/``.
 KINDS = ("captures", "filesystems", "transports", "hypervisors", "policies", "formats")
@@ -92,6 +96,16 @@ def _import_error(ep: importlib.metadata.EntryPoint) -> str | None:
     return None
 
 
+@functools.cache
+def names(kind: str) -> tuple[str, ...]:
+    """Names of the drivers registered for ``kind``, without importing any of them.
+
+    Scanned once per process: entry points do not change while a process runs, and a
+    short command should not pay for the scan twice.
+    """
+    return tuple(sorted({ep.name for ep in importlib.metadata.entry_points(group=group(kind))}))
+
+
 def driver_class(kind: str, name: str, base: type[Driver] | None = None) -> type[Driver]:
     """The class registered as ``name`` for ``kind``, checked to subclass ``base``
     (by default the kind's base class)."""
@@ -124,9 +138,16 @@ def load_driver(kind: str, name: str, base: type[D], options: DriverOptions | No
 
 def load_all(kind: str, base: type[D]) -> dict[str, D]:
     """One default-configured instance of every driver of ``kind`` (format probing)."""
-    return {d.name: load_driver(kind, d.name, base) for d in installed(kind) if d.error is None}
+    found = {}
+    for name in names(kind):
+        try:
+            found[name] = load_driver(kind, name, base)
+        except DriverLoadError:
+            continue  # `vmreclaim plugins` shows why; probing goes on with the others
+    return found
 
 
+@functools.cache
 def _manager(kind: str, name: str) -> Any:
     def fail(_manager: Any, entry_point: Any, exc: BaseException) -> None:
         dist = getattr(entry_point, "dist", None)
@@ -144,7 +165,7 @@ def _manager(kind: str, name: str) -> Any:
             on_load_failure_callback=fail,
         )
     except NoMatches as exc:
-        raise DriverNotFoundError(kind, name, [d.name for d in installed(kind)]) from exc
+        raise DriverNotFoundError(kind, name, list(names(kind))) from exc
 
 
 __all__ = [
@@ -155,4 +176,5 @@ __all__ = [
     "installed",
     "load_all",
     "load_driver",
+    "names",
 ]
