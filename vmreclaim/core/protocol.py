@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from vmreclaim.core.errors import ProtocolError
@@ -40,11 +41,16 @@ def _check_pairs(pairs: RangePairs) -> RangePairs:
 
 
 def pairs_to_ranges(pairs: RangePairs) -> RangeSet:
-    return RangeSet.from_ranges(pairs)
+    # In bulk: fences carry up to 65,536 ranges and both ends convert every one.
+    if not pairs:
+        return RangeSet()
+    table = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    return RangeSet.from_arrays(table[:, 0], table[:, 1])
 
 
 def ranges_to_pairs(ranges: RangeSet) -> RangePairs:
-    return [(s, n) for s, n in ranges.to_pairs()]
+    table = np.stack((ranges.starts, ranges.lengths), axis=1).tolist()
+    return [(s, n) for s, n in table]
 
 
 # -- agent → host ---------------------------------------------------------------------------

@@ -148,6 +148,7 @@ class AgentSession:
         for pending in self._waiting.values():
             if not pending.future.done():
                 pending.future.set_exception(FenceError(f"agent of VM {self.name}: {why}"))
+                pending.future.exception()  # seen here; a waiter, if any, still gets it
         self.daemon.detach(self)
         self.writer.close()
         with contextlib.suppress(Exception):
