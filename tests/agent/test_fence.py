@@ -162,6 +162,20 @@ def test_agent_killed_mid_fence_guardian_thaws(
             writer.kill()
 
 
+def test_agent_stopped_mid_fence_thaws_and_exits_0(
+    tmp_path: Path, loopfs: Callable[..., LoopFs], peer: HostPeer
+) -> None:
+    with fenced_setup(tmp_path, loopfs, peer, fence_max_lease_seconds=30) as (fs, agent, conn):
+        fence(conn, 6, [[0, 1 * MiB]], 30000)
+        writer = Writer(fs.mount / "probe")
+        try:
+            assert writer.blocked_for(0.5)
+            assert agent.stop() == 0  # SIGTERM
+            writer.done_within(5)
+        finally:
+            writer.kill()
+
+
 def test_agent_stuck_mid_fence_guardian_thaws_at_the_deadline(
     tmp_path: Path, loopfs: Callable[..., LoopFs], peer: HostPeer
 ) -> None:

@@ -47,6 +47,8 @@ RECORD_RANGES = 16384
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
 #: A filesystem without GETFSMAP is trimmed after deletions at most this often.
 FITRIM_INTERVAL = 30.0
+#: After reading events, the agent waits this long before it reads again.
+READ_GATHER = 0.05
 #: Events for drivers that learn as they go are handed over at most this often.
 EAGER_INTERVAL = 0.05
 #: After a pass triggered by events, one more pass this long after (XFS background
@@ -84,6 +86,7 @@ class FsWatcher:
         self.eager: list[FsEvent] = []
         self.eager_scheduled = False
         self.last_eager = 0.0
+        self.eager_cost = 0.0
         self.first_event: float | None = None
         self.last_event = 0.0
         self.follow_up: float | None = None
@@ -92,6 +95,7 @@ class FsWatcher:
         self.trim_unsupported = False
         self.passes = 0
         self.task: asyncio.Task[None] | None = None
+        self.stopped = False
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -141,6 +145,13 @@ class FsWatcher:
         except OSError as exc:
             log.error("%s: reading events failed: %s", self.fs.mount, exc)
             return
+        # Let events gather in the kernel's queue for a moment before the next read:
+        # woken for each one, the agent would pay a wake-up per unlink of an rm -rf,
+        # and queued events of one directory merge into one.
+        fd = self.source.fileno()
+        loop = self.agent.loop
+        loop.remove_reader(fd)
+        loop.call_later(READ_GATHER, self._rearm, fd)
         if not events:
             return
         now = time.monotonic()
@@ -151,7 +162,10 @@ class FsWatcher:
                 self.eager = [FsEvent(FsEventKind.OVERFLOW)]
             if not self.eager_scheduled:
                 self.eager_scheduled = True
-                delay = max(0.0, self.last_eager + EAGER_INTERVAL - now)
+                # A driver whose look is slow (GETFSMAP of a huge, fragmented
+                # filesystem) is asked less often: at most a fifth of a thread.
+                interval = max(EAGER_INTERVAL, 4 * self.eager_cost)
+                delay = max(0.0, self.last_eager + interval - now)
                 self.agent.loop.call_later(delay, self._flush_eager)
         else:
             self.events += events
@@ -162,6 +176,10 @@ class FsWatcher:
         self.last_event = now
         self.wake.set()
 
+    def _rearm(self, fd: int) -> None:
+        if self.source is not None and self.source.fileno() == fd and not self.stopped:
+            self.agent.loop.add_reader(fd, self._readable)
+
     def _flush_eager(self) -> None:
         self.eager_scheduled = False
         self.last_eager = time.monotonic()
@@ -170,10 +188,12 @@ class FsWatcher:
             self.executor.submit(self._observe, events)
 
     def _observe(self, events: list[FsEvent]) -> None:
+        start = time.monotonic()
         try:
             self.capture.observe(events)
         except Exception:
             log.exception("%s: capture driver failed on events", self.fs.mount)
+        self.eager_cost = time.monotonic() - start
 
     async def _run(self) -> None:
         opts = self.options
@@ -254,6 +274,7 @@ class FsWatcher:
         log.info("%s: FITRIM after deletions: kernel reports %d bytes", self.fs.mount, trimmed)
 
     async def stop(self) -> None:
+        self.stopped = True
         if self.task is not None:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
