@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -78,9 +78,9 @@ class Conn:
             if isinstance(msg, kind) and (where is None or where(msg)):
                 return msg
 
-    def handshake(self, vm: str = "vm1", mode: str = "fence") -> p.Hello:
-        hello = self.expect(p.Hello)
-        disks = [p.WelcomeDisk(id=d.id, size=d.size, mode=mode) for d in hello.disks]  # type: ignore[arg-type]
+    def handshake(self, vm: str = "vm1", mode: Literal["fence", "trim"] = "fence") -> p.Hello:
+        hello: p.Hello = self.expect(p.Hello)
+        disks = [p.WelcomeDisk(id=d.id, size=d.size, mode=mode) for d in hello.disks]
         self.send(p.Welcome(v=p.PROTOCOL_VERSION, vm=vm, disks=disks))
         return hello
 

@@ -74,9 +74,10 @@ def fenced_setup(
         yield fs, agent, conn
 
 
-def fence(conn: Conn, fence_id: int, ranges: list[list[int]], lease_ms: int) -> p.FenceReady:
+def fence(conn: Conn, fence_id: int, ranges: Any, lease_ms: int) -> p.FenceReady:
     conn.send(p.Fence(fence=fence_id, disk="disk0", ranges=ranges, lease_ms=lease_ms))
-    return conn.expect(p.FenceReady, where=lambda m: m.fence == fence_id)
+    ready: p.FenceReady = conn.expect(p.FenceReady, where=lambda m: m.fence == fence_id)
+    return ready
 
 
 def test_fence_freezes_reverifies_and_release_thaws(
