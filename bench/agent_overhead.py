@@ -41,6 +41,7 @@ from pathlib import Path
 import yaml
 
 from vmreclaim.core import protocol as p
+from vmreclaim.testing.linux import loop_mounted
 
 MiB = 1 << 20
 TICK = os.sysconf("SC_CLK_TCK")
@@ -66,6 +67,7 @@ def build_tree(src: Path, files: int) -> int:
 
 @contextlib.contextmanager
 def mounted_copy(src: Path, work: Path, options: str) -> Iterator[Path]:
+    """A fresh ext4 holding ``src``, loop-mounted with ``options``."""
     image = work / "fs.img"
     image.unlink(missing_ok=True)
     with open(image, "wb") as f:
@@ -80,24 +82,10 @@ def mounted_copy(src: Path, work: Path, options: str) -> Iterator[Path]:
         str(src),
         str(image),
     )
-    dev = subprocess.run(
-        ["losetup", "-f", "--show", str(image)], check=True, capture_output=True, text=True
-    ).stdout.strip()
-    mnt = work / "mnt"
-    mnt.mkdir(exist_ok=True)
-    try:
-        sh("mount", *(["-o", options] if options else []), dev, str(mnt))
-        try:
-            # Warm the inode and dentry caches the same way for every variant.
-            subprocess.run(["find", str(mnt), "-type", "f"], check=True, capture_output=True)
-            yield mnt
-        finally:
-            for _ in range(50):
-                if subprocess.run(["umount", str(mnt)], capture_output=True).returncode == 0:
-                    break
-                time.sleep(0.1)
-    finally:
-        subprocess.run(["losetup", "-d", dev], capture_output=True)
+    with loop_mounted(image, work / "mnt", options=[options] if options else []) as (_dev, mnt):
+        # Warm the inode and dentry caches the same way for every variant.
+        subprocess.run(["find", str(mnt), "-type", "f"], check=True, capture_output=True)
+        yield mnt
 
 
 class Peer:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.agent.peer import HostPeer
+from tests.guest.conftest import guest_kit  # noqa: F401 (the real guest's kit, built once per session)
 from vmreclaim.agent import linux
 from vmreclaim.core.ranges import RangeSet
 from vmreclaim.testing import require_root, require_tool, run

@@ -23,13 +23,11 @@ from tests.agent.peer import Conn
 from tests.agent.test_fence import holes
 from vmreclaim.core import protocol as p
 from vmreclaim.core.ranges import RangeSet
-from vmreclaim.testing import require_root, require_tool
 from vmreclaim.testing.guest import (
     GuestDisk,
     GuestKit,
     GuestPort,
     GuestSpec,
-    build_kit,
     make_ext4_image,
     running_guest,
 )
@@ -78,20 +76,11 @@ echo guest-ok
 """
 
 
-@pytest.fixture(scope="module")
-def kit(tmp_path_factory: pytest.TempPathFactory) -> GuestKit:
-    require_root()
-    require_tool("qemu-system-x86_64", "busybox", "qemu-img", "mkfs.ext4")
-    if not list(Path("/boot").glob("vmlinuz-*")):
-        pytest.skip("needs an installed kernel (linux-image-amd64, installed by scripts/setup.sh)")
-    return build_kit(tmp_path_factory.mktemp("guest-kit"))
-
-
-def test_agent_in_a_real_guest_over_virtio_serial(kit: GuestKit, tmp_path: Path) -> None:
+def test_agent_in_a_real_guest_over_virtio_serial(guest_kit: GuestKit, tmp_path: Path) -> None:
     image = make_ext4_image(tmp_path / "d0.raw", 64 * MiB, "raw")
     port = GuestPort(tmp_path / "vm1.agent.sock")
     spec = GuestSpec(
-        kit, tmp_path, SCRIPT, disks=[GuestDisk(image, "raw", "disk0", discard=True)], ports=[port]
+        guest_kit, tmp_path, SCRIPT, disks=[GuestDisk(image, "raw", "disk0", discard=True)], ports=[port]
     )
     with running_guest(spec) as guest:
         sock = socket.socket(socket.AF_UNIX)

@@ -24,6 +24,7 @@ import logging
 import os
 import struct
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -123,26 +124,12 @@ class FanotifySource:
         return self.fd
 
     def read(self) -> list[FsEvent]:
-        events: list[FsEvent] = []
-        mask_seen = 0
-        total = 0
-        while total < MAX_DRAIN:
-            try:
-                data = os.read(self.fd, READ_SIZE)
-            except BlockingIOError:
-                break
-            if not data:
-                break
-            total += len(data)
-            if self.want_paths:
-                events += self._parse(data)
-            else:
-                mask_seen |= _masks(data)
         if not self.want_paths:
-            return [FsEvent(k) for k in _kinds(mask_seen)]
-        if len(events) > MAX_EVENTS:
-            return [FsEvent(FsEventKind.OVERFLOW)]
-        return events
+            mask = 0
+            for data in _drain(self.fd):
+                mask |= _masks(data)
+            return [FsEvent(k) for k in _kinds(mask)]
+        return _bounded([e for data in _drain(self.fd) for e in self._parse(data)])
 
     def _parse(self, data: bytes) -> list[FsEvent]:
         out = []
@@ -209,6 +196,25 @@ class FanotifySource:
             if fd >= 0:
                 os.close(fd)
         self.fd = self.mount_fd = -1
+
+
+def _drain(fd: int) -> Iterator[bytes]:
+    """What is queued on a non-blocking event descriptor, at most MAX_DRAIN bytes."""
+    total = 0
+    while total < MAX_DRAIN:
+        try:
+            data = os.read(fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        if not data:
+            return
+        total += len(data)
+        yield data
+
+
+def _bounded(events: list[FsEvent]) -> list[FsEvent]:
+    """Too many events to be worth looking at one by one: look at everything instead."""
+    return [FsEvent(FsEventKind.OVERFLOW)] if len(events) > MAX_EVENTS else events
 
 
 def _masks(data: bytes) -> int:
@@ -292,20 +298,7 @@ class InotifySource:
         return True
 
     def read(self) -> list[FsEvent]:
-        events: list[FsEvent] = []
-        total = 0
-        while total < MAX_DRAIN:
-            try:
-                data = os.read(self.fd, READ_SIZE)
-            except BlockingIOError:
-                break
-            if not data:
-                break
-            total += len(data)
-            events += self._parse(data)
-        if len(events) > MAX_EVENTS:
-            return [FsEvent(FsEventKind.OVERFLOW)]
-        return events
+        return _bounded([e for data in _drain(self.fd) for e in self._parse(data)])
 
     def _parse(self, data: bytes) -> list[FsEvent]:
         out = []

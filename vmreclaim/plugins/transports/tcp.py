@@ -37,6 +37,14 @@ log = logging.getLogger("vmreclaim.transports.tcp")
 GREETING = b"VMRECLAIM-TCP 1 "
 MIN_SECRET_BYTES = 16
 _MAC_HEX = 64
+#: How a handshake can fail: the peer hangs up, is slow, sends junk or the wrong proof.
+_HANDSHAKE_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncio.IncompleteReadError,
+    asyncio.LimitOverrunError,
+    ChannelError,
+)
 #: A framed line: MAC, space, the protocol line.
 _RAW_LIMIT = MAX_LINE_BYTES + _MAC_HEX + 1
 
@@ -98,13 +106,7 @@ class TcpTransport(Transport):
             key = await asyncio.wait_for(
                 guest_handshake(reader, writer, secret), self.options.handshake_timeout
             )
-        except (
-            OSError,
-            TimeoutError,
-            asyncio.IncompleteReadError,
-            asyncio.LimitOverrunError,
-            ChannelError,
-        ) as exc:
+        except _HANDSHAKE_ERRORS as exc:
             writer.close()
             raise ChannelError(f"{self.describe()}: handshake failed: {exc or type(exc).__name__}") from exc
         return wrap(reader, writer, key, send=b"g", recv=b"h")
@@ -119,13 +121,7 @@ class TcpTransport(Transport):
                 key = await asyncio.wait_for(
                     host_handshake(reader, writer, secret), self.options.handshake_timeout
                 )
-            except (
-                OSError,
-                TimeoutError,
-                asyncio.IncompleteReadError,
-                asyncio.LimitOverrunError,
-                ChannelError,
-            ) as exc:
+            except _HANDSHAKE_ERRORS as exc:
                 log.warning("%s on %s: refused: %s", where, self.describe(), exc or type(exc).__name__)
                 writer.close()
                 return
