@@ -375,23 +375,22 @@ class Qcow2Image(Image):
     def _l2_tables(self, offsets: I64) -> U64:
         """The L2 tables at ``offsets``: shape ``(n, entries)`` or ``(n, entries, 2)``."""
         width = 2 if self.header.extended_l2 else 1
-        out = np.empty((offsets.size, self._l2n * width), dtype=np.uint64)
-        missing = [i for i, off in enumerate(offsets.tolist()) if off not in self._l2_cache]
+        keys = offsets.tolist()
+        tables: list[U64 | None] = [self._l2_cache.get(off) for off in keys]
+        missing = [i for i, t in enumerate(tables) if t is None]
+        fresh = None
         if missing:
             idx = np.array(missing, dtype=np.int64)
             raw = self.file.read_many(offsets[idx], self._cs, "qcow2 L2 table")
-            tables = raw.view(">u8").astype(np.uint64)
-            for row, off in zip(tables, offsets[idx].tolist(), strict=True):
-                self._cache_l2(off, row)
-        for i, off in enumerate(offsets.tolist()):
-            table = self._l2_cache.get(off)
-            if table is None:  # evicted while this batch was read: read it once more
-                table = self.file.read_array(off, self._l2n * width, ">u8", "qcow2 L2 table").astype(
-                    np.uint64
-                )
-            else:
+            fresh = raw.view(">u8").astype(np.uint64)
+            for i, row in zip(missing, fresh, strict=True):
+                tables[i] = row
+                self._cache_l2(keys[i], row)
+        for off in keys:
+            if off in self._l2_cache:
                 self._l2_cache.move_to_end(off)
-            out[i] = table
+        # Nothing was cached (a first full map): the fresh array is the answer, no copy.
+        out = fresh if fresh is not None and len(missing) == len(keys) else np.stack(tables)  # type: ignore[arg-type]
         return out.reshape(offsets.size, self._l2n, width) if width == 2 else out
 
     def _cache_l2(self, offset: int, table: U64) -> None:
