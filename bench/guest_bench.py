@@ -14,9 +14,10 @@ The same workload runs in the same TCG guest (Debian's kernel, the checkout's ag
 The workload writes N files of M MiB of random data (fsync, sync), then deletes them
 (sync), while a checker process rewrites and verifies files of its own. Measured: bytes
 deleted, bytes the image file gave back (allocated blocks before the deletions minus
-after), seconds from the guest's ``sync`` after the deletions until 99 % of the deleted
-bytes are back (``-`` when that never happened within the bound), and the guest's wall
-time to write and to delete (plus the ``fstrim`` run).
+after, read 5 s after 99 % were back, or at the bound), seconds from the guest's
+``sync`` after the deletions until 99 % of the deleted bytes are back (``-`` when that
+never happened within the bound), and the guest's wall time to write and to delete
+(plus the ``fstrim`` run).
 
     sudo python3 bench/guest_bench.py                 # 4 x 16 MiB, every format and mode
     sudo python3 bench/guest_bench.py --files 8 --mib 32 --formats qcow2 --markdown
@@ -82,6 +83,7 @@ def main() -> int:
     parser.add_argument("--formats", default="qcow2,raw,vpc")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--bound", type=float, default=60.0, help="seconds to wait for the space")
+    parser.add_argument("--settle", type=float, default=5.0, help="wait after 99 %% before reading freed")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     parser.add_argument("--keep", type=Path, default=None, help="keep the run directories here")
     args = parser.parse_args()
@@ -97,6 +99,7 @@ def main() -> int:
                 r = run_scenario(
                     kit, wd, fmt=fmt, mode=mode, backend=hv, n_files=args.files, file_mib=args.mib,
                     disk_mib=max(256, 2 * args.files * args.mib + 64), bound_seconds=args.bound,
+                    settle_seconds=args.settle,
                 )  # fmt: skip
                 results.append(r)
                 print(" | ".join(row(r)), file=sys.stderr, flush=True)

@@ -4,6 +4,7 @@ the first instruction); QMP, block jobs and QEMU's own discard do not need a gue
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -203,12 +204,14 @@ def test_deep_discard_through_hmp_releases_qcow2_clusters(qemu_vm: Callable[[], 
         hv.close()
 
 
-def test_storage_daemon_exports_are_disks(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def storage_daemon(tmp_path: Path, *export: str) -> Iterator[tuple[Path, Path]]:
+    """``qemu-storage-daemon`` serving a qcow2 (4 MiB of data at 4 MiB, discard=unmap
+    on both nodes) with the ``export`` arguments; yields (image, QMP socket)."""
     require_tool("qemu-storage-daemon", "qemu-img", "qemu-io")
-    image = tmp_path / "s.qcow2"
+    image, qmp = tmp_path / "s.qcow2", tmp_path / "qsd.sock"
     run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"])
     run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 4M 4M", str(image)])
-    qmp = tmp_path / "qsd.sock"
     proc = subprocess.Popen(
         [
             "qemu-storage-daemon",
@@ -216,10 +219,7 @@ def test_storage_daemon_exports_are_disks(tmp_path: Path) -> None:
             f"driver=file,filename={image},node-name=s-file,discard=unmap",
             "--blockdev",
             "driver=qcow2,file=s-file,node-name=s-fmt,discard=unmap",
-            "--nbd-server",
-            f"addr.type=unix,addr.path={tmp_path / 'nbd.sock'}",
-            "--export",
-            "type=nbd,id=vol0,node-name=s-fmt,writable=on",
+            *export,
             "--chardev",
             f"socket,id=m0,path={qmp},server=on,wait=off",
             "--monitor",
@@ -231,6 +231,15 @@ def test_storage_daemon_exports_are_disks(tmp_path: Path) -> None:
     )
     try:
         wait_for_socket(qmp, proc)
+        yield image, qmp
+    finally:
+        stop(proc)
+
+
+def test_storage_daemon_exports_are_disks(tmp_path: Path) -> None:
+    nbd = ("--nbd-server", f"addr.type=unix,addr.path={tmp_path / 'nbd.sock'}",
+           "--export", "type=nbd,id=vol0,node-name=s-fmt,writable=on")  # fmt: skip
+    with storage_daemon(tmp_path, *nbd) as (image, qmp):
         hv = driver(tmp_path, vms=[{"name": "store", "qmp": str(qmp)}])
         try:
             [info] = hv.vms()
@@ -242,56 +251,33 @@ def test_storage_daemon_exports_are_disks(tmp_path: Path) -> None:
                 hv.discard(info.identity, disk, RangeSet.from_ranges([(4 * MiB, 4 * MiB)]))
         finally:
             hv.close()
-    finally:
-        stop(proc)
 
 
 @pytest.mark.root
-def test_storage_daemon_deep_discard_over_nbd(tmp_path: Path) -> None:
+def test_storage_daemon_deep_discard_through_its_fuse_export(tmp_path: Path) -> None:
     """A live qcow2 served as a FUSE file (as the agent tests use it): the driver
-    exports the node over an NBD server of its own for a moment and trims it."""
+    punches the FUSE file, which QEMU turns into a discard of the qcow2 node."""
     require_root()
-    require_tool("qemu-storage-daemon", "qemu-img", "qemu-io")
-    image, fuse = tmp_path / "s.qcow2", tmp_path / "fuse"
-    run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"])
-    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 4M 4M", str(image)])
+    fuse = tmp_path / "fuse"
     fuse.touch()
-    qmp = tmp_path / "qsd.sock"
-    proc = subprocess.Popen(
-        [
-            "qemu-storage-daemon",
-            "--blockdev",
-            f"driver=file,filename={image},node-name=s-file,discard=unmap",
-            "--blockdev",
-            "driver=qcow2,file=s-file,node-name=s-fmt,discard=unmap",
-            "--export",
-            f"type=fuse,id=vol0,node-name=s-fmt,mountpoint={fuse},writable=on",
-            "--chardev",
-            f"socket,id=m0,path={qmp},server=on,wait=off",
-            "--monitor",
-            "chardev=m0",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
     try:
-        wait_for_socket(qmp, proc)
-        hv = driver(tmp_path, vms=[{"name": "store", "qmp": str(qmp)}])
-        try:
-            [info] = hv.vms()
-            [disk] = info.disks
-            before = allocated_bytes(image)
-            hv.discard(info.identity, disk, RangeSet.from_ranges([(4 * MiB, 4 * MiB)]))
-            assert before - allocated_bytes(image) >= 4 * MiB
-            # The FUSE file (the live disk) reads zeros there now, the rest is intact.
-            with open(fuse, "rb") as f:
-                f.seek(4 * MiB)
-                assert f.read(4 * MiB) == bytes(4 * MiB)
-        finally:
-            hv.close()
+        with storage_daemon(
+            tmp_path, "--export", f"type=fuse,id=vol0,node-name=s-fmt,mountpoint={fuse},writable=on"
+        ) as (image, qmp):
+            hv = driver(tmp_path, vms=[{"name": "store", "qmp": str(qmp)}])
+            try:
+                [info] = hv.vms()
+                [disk] = info.disks
+                before = allocated_bytes(image)
+                hv.discard(info.identity, disk, RangeSet.from_ranges([(4 * MiB, 4 * MiB)]))
+                assert before - allocated_bytes(image) >= 4 * MiB
+                # The live disk reads zeros there now.
+                with open(fuse, "rb") as f:
+                    f.seek(4 * MiB)
+                    assert f.read(4 * MiB) == bytes(4 * MiB)
+            finally:
+                hv.close()
     finally:
-        stop(proc)
         subprocess.run(["fusermount3", "-u", str(fuse)], capture_output=True)
 
 

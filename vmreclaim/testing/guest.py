@@ -699,6 +699,7 @@ def run_scenario(
     discard: bool | None = None,
     libvirt_uri: str = "qemu:///system",
     checker_interval: float = 0.05,
+    settle_seconds: float = 0.0,
 ) -> ScenarioResult:
     """Boot a guest with one ext4 data disk of ``fmt``, write ``n_files`` files of
     ``file_mib`` MiB while a checker process rewrites and verifies files of its own,
@@ -789,6 +790,9 @@ exit $rc
                 latency = time.monotonic() - synced_at
                 break
             time.sleep(0.05)
+        # Bytes freed are read ``settle_seconds`` later (or at the bound): what is
+        # still given back after the goal counts too.
+        time.sleep(settle_seconds if latency is not None else 0.0)
         after = allocated_bytes(image)
         guest.signal("stop")
         checker = json.loads(guest.wait_for("checker", timeout=120))
