@@ -229,7 +229,10 @@ class Reclaimer:
     async def attempt(
         self, disk: Disk, info: VMInfo, session: AgentSession | None, snap: Snapshot
     ) -> Attempt:
-        choice = choose_mode(info, disk, session, self.hypervisor, loop_device_of(disk.path))
+        live = session is not None and not session.closed and session.welcomed
+        # Only the offline mode cares about loop devices (a sysfs walk): skip it otherwise.
+        loop_dev = None if live else loop_device_of(disk.path)
+        choice = choose_mode(info, disk, session, self.hypervisor, loop_dev)
         if choice.mode is None:
             return Attempt("none", POSTPONED, choice.reason)
         if choice.mode == "trim":
