@@ -120,6 +120,8 @@ def test_json_logs_and_a_second_daemon_on_the_same_socket(
     )
     out = cli("host", "--config", str(config))
     assert out.returncode == 2 and "in use by another vmreclaim host daemon" in out.stderr
+    # The refused daemons left the running one's socket alone.
+    assert first.proc is not None and first.status()["pid"] == first.proc.pid
     assert first.stop() == 0
     events = [json.loads(line) for line in first.logs().splitlines() if line.startswith("{")]
     names = [e["event"] for e in events]

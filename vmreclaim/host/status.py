@@ -123,11 +123,12 @@ class StatusServer:
                 await writer.wait_closed()
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2.0)
-            self._server = None
+        if self._server is None:
+            return  # never listened: the socket there (if any) is someone else's
+        self._server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._server.wait_closed(), 2.0)
+        self._server = None
         with contextlib.suppress(OSError):
             self.path.unlink()
 
