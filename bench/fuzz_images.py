@@ -279,6 +279,9 @@ def run(cases: int, seed: int = 1, *, keep: Path | None = None, progress: Callab
         work = Path(tmp)
         seeds = make_seeds(work)
         originals = {s.name: s.path.read_bytes() for s in seeds}
+        # Someone else's alarm (pytest-timeout's, in the suite) is put back afterwards.
+        outer_remaining, _ = signal.getitimer(signal.ITIMER_REAL)
+        outer_started = time.monotonic()
         old = signal.signal(signal.SIGALRM, _alarm)
         try:
             for i in range(cases):
@@ -308,6 +311,9 @@ def run(cases: int, seed: int = 1, *, keep: Path | None = None, progress: Callab
                     progress(i + 1)
         finally:
             signal.signal(signal.SIGALRM, old)
+            if outer_remaining:
+                left = outer_remaining - (time.monotonic() - outer_started)
+                signal.setitimer(signal.ITIMER_REAL, max(left, 0.001))
     result.seconds = time.monotonic() - started
     return result
 
