@@ -14,6 +14,7 @@ import pytest
 
 from formats.imagetools import MiB, cli, qemu_img_create, qemu_io, sh
 from vmreclaim.core.image import open_image
+from vmreclaim.testing import require_tool
 
 pytestmark = pytest.mark.qemu
 
@@ -32,6 +33,7 @@ def load_fuzzer() -> Any:
 @pytest.mark.slow
 def test_a_few_hundred_fuzz_cases_crash_nothing() -> None:
     """The suite's share of ``bench/fuzz_images.py`` (which runs 10,000 and more)."""
+    require_tool("qemu-img", "qemu-io")
     result = load_fuzzer().run(300, seed=20261125)
     assert result.cases == 300
     assert not result.crashes, "\n\n".join(f"{what}\n{tb}" for what, tb, _ in result.crashes[:5])
