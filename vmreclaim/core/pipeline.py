@@ -81,9 +81,8 @@ class Pipeline:
         byte is punched once it is over (:class:`~vmreclaim.core.errors.FenceError`).
         """
         if deep and not image.capabilities.deep_reclaim:
-            raise UnsupportedImageError(
-                f"{image.file.path}: {image.format_name} images have no deep reclaim mode"
-            )
+            reason = image.deep_reclaim_refusal() or f"{image.format_name} images have no deep reclaim mode"
+            raise UnsupportedImageError(f"{image.file.path}: {reason}")
         mode = "deep" if deep else "punch"
         holder: AbstractContextManager[int] = (
             nullcontext(fd) if fd is not None else hold_for_writing(image.data_file.path)
