@@ -209,7 +209,7 @@ def _problems_in_valid_fields(
         return []
     found: list[str] = []
     for name, field in model.model_fields.items():
-        if name not in data:
+        if name not in data or field.annotation is None:
             continue
         try:
             value: Any = TypeAdapter(field.annotation).validate_python(data[name])
