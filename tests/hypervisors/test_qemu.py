@@ -205,9 +205,10 @@ def test_deep_discard_through_hmp_releases_qcow2_clusters(qemu_vm: Callable[[], 
 
 
 @contextlib.contextmanager
-def storage_daemon(tmp_path: Path, *export: str) -> Iterator[tuple[Path, Path]]:
+def storage_daemon(tmp_path: Path, *export: str, relative: bool = False) -> Iterator[tuple[Path, Path]]:
     """``qemu-storage-daemon`` serving a qcow2 (4 MiB of data at 4 MiB, discard=unmap
-    on both nodes) with the ``export`` arguments; yields (image, QMP socket)."""
+    on both nodes) with the ``export`` arguments; yields (image, QMP socket). With
+    ``relative`` the daemon runs in ``tmp_path`` and is given the image's bare name."""
     require_tool("qemu-storage-daemon", "qemu-img", "qemu-io")
     image, qmp = tmp_path / "s.qcow2", tmp_path / "qsd.sock"
     run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"])
@@ -216,7 +217,7 @@ def storage_daemon(tmp_path: Path, *export: str) -> Iterator[tuple[Path, Path]]:
         [
             "qemu-storage-daemon",
             "--blockdev",
-            f"driver=file,filename={image},node-name=s-file,discard=unmap",
+            f"driver=file,filename={image.name if relative else image},node-name=s-file,discard=unmap",
             "--blockdev",
             "driver=qcow2,file=s-file,node-name=s-fmt,discard=unmap",
             *export,
@@ -228,6 +229,7 @@ def storage_daemon(tmp_path: Path, *export: str) -> Iterator[tuple[Path, Path]]:
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        cwd=tmp_path,
     )
     try:
         wait_for_socket(qmp, proc)
@@ -249,6 +251,25 @@ def test_storage_daemon_exports_are_disks(tmp_path: Path) -> None:
             # The daemon already runs an NBD server: the driver's own must not clash.
             with pytest.raises(HypervisorError, match="NBD server already running"):
                 hv.discard(info.identity, disk, RangeSet.from_ranges([(4 * MiB, 4 * MiB)]))
+        finally:
+            hv.close()
+
+
+def test_relative_image_names_resolve_against_qemus_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QEMU opens a relative name from its own working directory; ours differs, and the
+    host must never open (let alone punch) a file of the same name next to itself."""
+    nbd = ("--nbd-server", f"addr.type=unix,addr.path={tmp_path / 'nbd.sock'}",
+           "--export", "type=nbd,id=vol0,node-name=s-fmt,writable=on")  # fmt: skip
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with storage_daemon(tmp_path, *nbd, relative=True) as (image, qmp):
+        hv = driver(tmp_path, vms=[{"name": "store", "qmp": str(qmp)}])
+        try:
+            [disk] = hv.vms()[0].disks
+            assert disk.path == image and disk.path.is_absolute()
         finally:
             hv.close()
 

@@ -48,7 +48,7 @@ import tempfile
 import threading
 import uuid as uuidlib
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -252,7 +252,11 @@ class QemuHypervisor(Hypervisor):
         if state.pid is not None:
             extra["pid"] = str(state.pid)
         return VMInfo(
-            identity, running=True, disks=disks, channel=self._channel(vm, state.chardev), extra=extra
+            identity,
+            running=True,
+            disks=disks,
+            channel=self._channel(vm, state.chardev, state.pid),
+            extra=extra,
         )
 
     async def _describe(self, client: QMPClient, vm: QemuVM, pid: int) -> _State:
@@ -261,11 +265,19 @@ class QemuHypervisor(Hypervisor):
         except ExecuteError:  # qemu-storage-daemon runs no guest
             status = {"status": "storage-daemon"}
         argv = _cmdline(pid) if pid else []
-        devices = await _devices(client, vm, argv)
+        devices = [
+            replace(
+                d,
+                disk=replace(
+                    d.disk, path=_as_qemu_opens(d.disk.path, pid, f"QEMU {vm.name!r} disk {d.disk.id!r}")
+                ),
+            )
+            for d in await _devices(client, vm, argv)
+        ]
         chardev = await _channel_chardev(client, self.options.channel_name)
         return _State(str(status.get("status", "unknown")), pid or None, devices, chardev)
 
-    def _channel(self, vm: QemuVM, chardev: str | None) -> ChannelSpec | None:
+    def _channel(self, vm: QemuVM, chardev: str | None, pid: int | None = None) -> ChannelSpec | None:
         if vm.channel is not None:
             doc = dict(vm.channel)
             driver = str(doc.pop("driver", ""))
@@ -283,6 +295,7 @@ class QemuHypervisor(Hypervisor):
             )
             return None
         path, *flags = filename.removeprefix("unix:").split(",")
+        path = str(_as_qemu_opens(Path(path), pid or 0, f"QEMU {vm.name!r} channel"))
         server = any(f in ("server", "server=on") for f in flags)
         driver = self.options.connect_transport if server else self.options.listen_transport
         model = self._transports[driver]
@@ -592,6 +605,22 @@ def _discard_through_fuse(mountpoint: Path, disk: Disk, ranges: RangeSet) -> Non
 
 
 # -- the QEMU command line (for discard=) --------------------------------------------------------
+
+
+def _as_qemu_opens(path: Path, pid: int, what: str) -> Path:
+    """``path`` as QEMU opened it: QEMU resolves a relative file name against its own
+    working directory, not ours, and punching the wrong file would destroy data."""
+    if path.is_absolute() or not str(path) or str(path) == ".":
+        return path
+    try:
+        if not pid:
+            raise OSError("QEMU's process is unknown")
+        return Path(os.readlink(f"/proc/{pid}/cwd")) / path
+    except OSError as exc:
+        raise HypervisorError(
+            f"{what}: relative path {str(path)!r} cannot be resolved against QEMU's working "
+            f"directory ({exc.strerror or exc})"
+        ) from exc
 
 
 def _cmdline(pid: int) -> list[str]:
