@@ -321,6 +321,33 @@ def test_a_running_vm_is_not_punched_when_block_jobs_cannot_be_known(site: Site)
     assert allocated(image) == 8 * MiB
 
 
+def test_a_running_static_vm_declared_free_of_block_jobs_is_fenced_and_punched(site: Site) -> None:
+    """`block_jobs: none` is the operator's statement that nothing runs block jobs on the
+    VM's disks (a qemu-storage-daemon they control): the static driver then lets a VM
+    that a QEMU process holds be punched inside a fence."""
+    require_tool("qemu-io")
+    image, channel = one_vm(site)
+    site.vms[0]["block_jobs"] = "none"
+    config = site.config(fence=FAST_FENCE)
+
+    def grant(fence: Fence) -> tuple[list[tuple[int, int]], int]:
+        return [(s, n) for s, n in fence.ranges], fence.lease_ms
+
+    async def main() -> None:
+        async with running(config) as daemon, AgentPeer(channel, on_fence=grant) as peer:
+            seq = await peer.send_record([(0, MiB)])
+            await peer.wait_answered(seq)
+            rt = daemon.disks["vm1/disk0"]
+            await eventually(lambda: rt.totals.reclaims == 1)
+            assert len(peer.fences) == 1 and rt.totals.freed_bytes == MiB
+            doc = await daemon.status_document()
+            assert doc["vms"][0]["running"] is True
+
+    with qemu_io_holding(image):
+        asyncio.run(main())
+    assert allocated(image) == 7 * MiB
+
+
 def test_guest_trim_mode_when_the_disk_passes_discards(site: Site) -> None:
     image, channel = one_vm(site, discard=True)
     config = site.config(fence=FAST_FENCE)

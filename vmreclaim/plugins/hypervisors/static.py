@@ -3,18 +3,27 @@
 Running state is not known from a list, so a VM is treated as running whenever any
 process holds QEMU's write lock on one of its images (see :mod:`vmreclaim.core.locks`)
 — the conservative answer: a running VM is only ever punched inside a fence.
+
+Block jobs cannot be seen from a list either. A running VM's disks are punched only
+when no block job can be running (DESIGN.md section 4, rule 4), so by default the
+driver answers "unknown" and the host reclaims such a VM only in guest-trim mode or once
+it stops. An operator who knows that nothing runs block jobs on a VM's disks (a
+``qemu-storage-daemon`` they control, a hypervisor without block jobs) says so with
+``block_jobs: none``; otherwise the ``qemu`` or ``libvirt`` driver can ask the real thing.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
 from vmreclaim.core.config import StrictModel, TransportConfig
 from vmreclaim.core.driver import DriverOptions
-from vmreclaim.core.hypervisors import ChannelSpec, Hypervisor, VMInfo
+from vmreclaim.core.errors import HypervisorError
+from vmreclaim.core.hypervisors import ChannelSpec, Hypervisor, HypervisorCapabilities, VMInfo
 from vmreclaim.core.locks import busy_reason
 from vmreclaim.core.model import Disk, VMIdentity
 
@@ -32,6 +41,10 @@ class StaticVM(StrictModel):
     uuid: str | None = None
     disks: list[StaticDisk] = Field(min_length=1)
     channel: TransportConfig
+    #: ``none``: the operator states that no block job (mirror, stream, commit, backup,
+    #: snapshot) ever runs on these disks while the VM runs; ``unknown`` (default): the
+    #: driver cannot tell, so a running VM is never host-punched.
+    block_jobs: Literal["unknown", "none"] = "unknown"
 
     @field_validator("disks")
     @classmethod
@@ -58,6 +71,10 @@ class StaticOptions(DriverOptions):
 
 class StaticHypervisor(Hypervisor):
     """VMs from the configuration file."""
+
+    # The driver answers for every VM: [] where the operator declared `block_jobs: none`,
+    # and an error (which postpones the punch) where it cannot know.
+    capabilities: ClassVar[HypervisorCapabilities] = HypervisorCapabilities(block_jobs=True)
 
     Options = StaticOptions
     options: StaticOptions
@@ -87,6 +104,17 @@ class StaticHypervisor(Hypervisor):
     def refresh(self, vm: VMIdentity) -> VMInfo | None:
         found = next((v for v in self.options.vms if v.name == vm.name), None)
         return self._info(found) if found is not None else None
+
+    def block_jobs(self, vm: VMIdentity, disk: Disk) -> list[str]:
+        found = next((v for v in self.options.vms if v.name == vm.name), None)
+        if found is None:
+            raise HypervisorError(f"VM {vm.name!r} is not in the static configuration")
+        if found.block_jobs == "none" or not any(_in_use(d.path) for d in found.disks):
+            return []  # declared, or no process holds the images: no job can run
+        raise HypervisorError(
+            f"the static driver cannot report block jobs of VM {vm.name!r}; set "
+            "'block_jobs: none' for it if nothing runs them, or use the qemu or libvirt driver"
+        )
 
 
 def _in_use(path: Path) -> bool:
