@@ -62,13 +62,10 @@ _NUMERIC = {"start", "length", "offset", "bytes", "version"}
 
 
 def _size(n: int) -> str:
-    """Bytes for people: exact integer plus a binary-prefixed approximation."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{n} ({value:.1f} {unit})" if unit != "B" else f"{n} B"
-        value /= 1024
-    return str(n)
+    """Bytes for people: the exact integer plus a binary-prefixed approximation."""
+    from vmreclaim.core.units import human_bytes
+
+    return f"{n} B" if n < 1024 else f"{n} ({human_bytes(n)})"
 
 
 # -- commands --------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from vmreclaim.core.model import Disk
 from vmreclaim.core.pipeline import Pipeline
 from vmreclaim.core.ranges import RangeSet
 from vmreclaim.core.reclaim import ReclaimReport
+from vmreclaim.core.units import human_bytes
 from vmreclaim.core.volumes import Volume, scan_volumes
 
 
@@ -119,21 +120,21 @@ class SparsifyReport:
             table.add_row(
                 v.label,
                 str(v.start),
-                _human(v.length),
+                human_bytes(v.length),
                 f.type or "?",
                 str(f.block_size or ""),
-                _human(f.free_bytes) if f.skipped is None else "",
+                human_bytes(f.free_bytes) if f.skipped is None else "",
                 f"skipped: {f.skipped}" if f.skipped else "read",
             )
         console.print(table)
         verb = "would punch" if self.dry_run else "punched"
-        line = f"free {_human(self.free_bytes)}, {verb} {_human(self.punched_bytes)}"
+        line = f"free {human_bytes(self.free_bytes)}, {verb} {human_bytes(self.punched_bytes)}"
         if not self.dry_run:
-            line += f", freed {_human(self.freed_bytes)} of host storage"
+            line += f", freed {human_bytes(self.freed_bytes)} of host storage"
         console.print(f"{line} in {self.seconds:.2f} s")
         for reason, n in sorted(self.not_punched.items()):
             why = _REASONS.get(reason, reason)
-            console.print(f"  free but not punched: {_human(n)} {why}")
+            console.print(f"  free but not punched: {human_bytes(n)} {why}")
 
 
 #: What each skip reason of the reclaim plan means to someone reading the summary.
@@ -144,15 +145,6 @@ _REASONS = {
     "shared": "in clusters shared with a snapshot",
     "compressed": "in compressed clusters",
 }
-
-
-def _human(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return str(n)
 
 
 def sparsify_image(

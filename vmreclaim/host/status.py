@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from vmreclaim.core.errors import ChannelError, UsageError
+from vmreclaim.core.units import human_bytes
 
 #: Where ``vmreclaim status`` looks without ``--config`` (the example configuration's
 #: path); ``VMRECLAIM_STATUS_SOCKET`` overrides it.
@@ -149,14 +150,7 @@ def _answers(path: Path) -> bool:
 
 
 def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return str(n)
+    return "-" if n is None else human_bytes(n)
 
 
 def _ago(when: float | None, now: float) -> str:
