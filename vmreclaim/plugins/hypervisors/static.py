@@ -28,6 +28,12 @@ from vmreclaim.core.locks import busy_reason
 from vmreclaim.core.model import Disk, VMIdentity
 
 
+def _require_unique(values: list[str], rule: str) -> None:
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"{rule}; repeated: {', '.join(repeated)}")
+
+
 class StaticDisk(StrictModel):
     id: str = Field(min_length=1, max_length=256)
     path: Path
@@ -49,10 +55,7 @@ class StaticVM(StrictModel):
     @field_validator("disks")
     @classmethod
     def _unique_disk_ids(cls, disks: list[StaticDisk]) -> list[StaticDisk]:
-        ids = [d.id for d in disks]
-        dup = {i for i in ids if ids.count(i) > 1}
-        if dup:
-            raise ValueError(f"disk ids must be unique within a VM; repeated: {', '.join(sorted(dup))}")
+        _require_unique([d.id for d in disks], "disk ids must be unique within a VM")
         return disks
 
 
@@ -62,10 +65,7 @@ class StaticOptions(DriverOptions):
     @field_validator("vms")
     @classmethod
     def _unique_names(cls, vms: list[StaticVM]) -> list[StaticVM]:
-        names = [v.name for v in vms]
-        dup = {n for n in names if names.count(n) > 1}
-        if dup:
-            raise ValueError(f"VM names must be unique; repeated: {', '.join(sorted(dup))}")
+        _require_unique([v.name for v in vms], "VM names must be unique")
         return vms
 
 
