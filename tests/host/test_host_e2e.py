@@ -17,8 +17,8 @@ from vmreclaim.core.extents import ExtentKind
 from vmreclaim.core.image import open_image
 from vmreclaim.core.ranges import RangeSet
 from vmreclaim.testing import require_root, require_tool, run
-from vmreclaim.testing.host import HostProcess, static_vm, storage_daemon
-from vmreclaim.testing.linux import loop_device, make_filesystem, mounted
+from vmreclaim.testing.host import HostProcess, static_vm
+from vmreclaim.testing.linux import loop_device, make_filesystem, mounted, qemu_fuse_export
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -140,7 +140,10 @@ def test_live_qcow2_served_by_qemu_storage_daemon(
     image = tmp_path / "vm1.qcow2"
     run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(256 * MiB)])
     channel, qmp = tmp_path / "vm1.sock", tmp_path / "qmp.sock"
-    with storage_daemon(image, tmp_path / "export", qmp) as _qsd, loop_device(tmp_path / "export") as dev:
+    with (
+        qemu_fuse_export(image, tmp_path / "export", qmp=qmp) as _qsd,
+        loop_device(tmp_path / "export") as dev,
+    ):
         make_filesystem(dev, "ext4", "-E", "lazy_itable_init=0,lazy_journal_init=0")
         if mode == "fence":
             hypervisor = {

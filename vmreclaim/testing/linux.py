@@ -72,34 +72,43 @@ def loop_mounted(
 
 @contextmanager
 def qemu_fuse_export(
-    image: str | os.PathLike[str], export: str | os.PathLike[str], fmt: str = "qcow2", *, discard: bool = True
+    image: str | os.PathLike[str],
+    export: str | os.PathLike[str],
+    fmt: str = "qcow2",
+    *,
+    discard: bool = True,
+    qmp: str | os.PathLike[str] | None = None,
+    export_id: str = "disk0",
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Serve ``image`` through a real QEMU block layer as a writable FUSE file ``export``.
 
     ``qemu-storage-daemon`` holds the image open and locked as a running VM would; with
     ``discard`` both block nodes say ``discard=unmap`` so guest discards reach the image
-    file (DESIGN.md section 7). Losetup the export file to get a block device.
+    file (DESIGN.md section 7). Losetup the export file to get a block device. With
+    ``qmp`` the daemon also has a QMP monitor there, so the ``qemu`` hypervisor driver can
+    describe it (its disk id is ``export_id``).
     """
     require_root()
     require_tool("qemu-storage-daemon")
-    export = Path(export)
+    image, export = Path(image).resolve(), Path(export)
     export.touch()
     unmap = ",discard=unmap" if discard else ""
+    monitor = [] if qmp is None else [
+        "--chardev", f"socket,id=mon0,path={qmp},server=on,wait=off", "--monitor", "chardev=mon0",
+    ]  # fmt: skip
     proc = subprocess.Popen(
         [
             "qemu-storage-daemon",
-            "--blockdev",
-            f"driver=file,node-name=file0,filename={image}{unmap}",
-            "--blockdev",
-            f"driver={fmt},node-name=fmt0,file=file0{unmap}",
-            "--export",
-            f"type=fuse,id=exp0,node-name=fmt0,mountpoint={export},writable=on",
+            "--blockdev", f"driver=file,node-name=file0,filename={image}{unmap}",
+            "--blockdev", f"driver={fmt},node-name=fmt0,file=file0{unmap}",
+            "--export", f"type=fuse,id={export_id},node-name=fmt0,mountpoint={export},writable=on",
+            *monitor,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-    )
+    )  # fmt: skip
     try:
-        _wait_for_fuse(export, proc)
+        _wait_for_fuse(export, proc, Path(qmp) if qmp is not None else None)
         yield proc
     finally:
         proc.terminate()
@@ -112,14 +121,17 @@ def qemu_fuse_export(
             subprocess.run(["fusermount3", "-u", str(export)], capture_output=True)
 
 
-def _wait_for_fuse(export: Path, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+def _wait_for_fuse(
+    export: Path, proc: subprocess.Popen[bytes], qmp: Path | None, timeout: float = 20.0
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             err = proc.stderr.read().decode() if proc.stderr else ""
             raise AssertionError(f"qemu-storage-daemon exited {proc.returncode}: {err}")
         with open("/proc/self/mounts") as f:
-            if any(line.split()[1] == str(export) for line in f):
-                return
+            mounted_now = any(line.split()[1] == str(export) for line in f)
+        if mounted_now and (qmp is None or qmp.exists()):
+            return
         time.sleep(0.05)
     raise AssertionError(f"FUSE export {export} did not appear within {timeout}s")
