@@ -14,8 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from vmreclaim.core import loader
 from vmreclaim.core.driver import Driver, DriverOptions
-from vmreclaim.core.errors import HypervisorError
+from vmreclaim.core.errors import DriverError, DriverLoadError, HypervisorError
 from vmreclaim.core.model import Disk, VMIdentity
 from vmreclaim.core.ranges import RangeSet
 
@@ -80,6 +81,19 @@ class HypervisorCapabilities:
     #: :meth:`Hypervisor.discard` sends discards through the hypervisor's own block
     #: layer (QEMU), which also releases qcow2 clusters in the image's metadata.
     discard: bool = False
+
+
+def channel_options_model(transport: str, who: str) -> type[DriverOptions]:
+    """The options model of transport driver ``transport``, with which a hypervisor
+    driver validates the :class:`ChannelSpec` options it derives for its VMs.
+
+    A transport that is not installed (or fails to load) is a
+    :class:`~vmreclaim.core.errors.DriverLoadError` naming ``who`` needed it.
+    """
+    try:
+        return loader.driver_class("transports", transport).Options
+    except DriverError as exc:
+        raise DriverLoadError(f"{who}: channel transport: {exc}") from exc
 
 
 class Hypervisor(Driver):

@@ -30,9 +30,8 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from vmreclaim.core import loader
 from vmreclaim.core.driver import DriverOptions
-from vmreclaim.core.errors import DriverError, DriverLoadError, HypervisorError, UsageError
+from vmreclaim.core.errors import DriverLoadError, HypervisorError, UsageError
 from vmreclaim.core.hypervisors import (
     ChannelSpec,
     Hypervisor,
@@ -40,6 +39,7 @@ from vmreclaim.core.hypervisors import (
     VMEvent,
     VMEventCallback,
     VMInfo,
+    channel_options_model,
 )
 from vmreclaim.core.model import Disk, VMIdentity
 from vmreclaim.core.ranges import RangeSet
@@ -123,10 +123,10 @@ class LibvirtHypervisor(Hypervisor):
     @staticmethod
     def _transport_options(name: str, *, required: bool = True) -> type[DriverOptions] | None:
         try:
-            return loader.driver_class("transports", name).Options
-        except DriverError as exc:
+            return channel_options_model(name, "libvirt hypervisor")
+        except DriverLoadError:
             if required:
-                raise DriverLoadError(f"libvirt hypervisor: channel transport: {exc}") from exc
+                raise
             return None
 
     @contextlib.contextmanager

@@ -55,10 +55,9 @@ from typing import Any, ClassVar, Literal, TypeVar
 from pydantic import Field, field_validator
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
-from vmreclaim.core import loader
 from vmreclaim.core.config import StrictModel
 from vmreclaim.core.driver import DriverOptions
-from vmreclaim.core.errors import DriverError, DriverLoadError, HypervisorError, VMReclaimError
+from vmreclaim.core.errors import DriverError, HypervisorError, VMReclaimError
 from vmreclaim.core.hypervisors import (
     ChannelSpec,
     Hypervisor,
@@ -66,6 +65,7 @@ from vmreclaim.core.hypervisors import (
     VMEvent,
     VMEventCallback,
     VMInfo,
+    channel_options_model,
 )
 from vmreclaim.core.model import Disk, VMIdentity
 from vmreclaim.core.ranges import RangeSet
@@ -146,10 +146,7 @@ class QemuHypervisor(Hypervisor):
         super().__init__(options)
         self._transports: dict[str, type[DriverOptions]] = {}
         for name in {self.options.connect_transport, self.options.listen_transport}:
-            try:
-                self._transports[name] = loader.driver_class("transports", name).Options
-            except DriverError as exc:
-                raise DriverLoadError(f"qemu hypervisor: channel transport: {exc}") from exc
+            self._transports[name] = channel_options_model(name, "qemu hypervisor")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="qemu-qmp", daemon=True)
         self._thread.start()
@@ -282,7 +279,7 @@ class QemuHypervisor(Hypervisor):
             doc = dict(vm.channel)
             driver = str(doc.pop("driver", ""))
             try:
-                options = loader.driver_class("transports", driver).Options.model_validate(doc)
+                options = channel_options_model(driver, f"QEMU {vm.name!r}").model_validate(doc)
             except (DriverError, ValueError) as exc:
                 raise HypervisorError(f"QEMU {vm.name!r}: configured channel: {exc}") from exc
             return ChannelSpec(driver, options)

@@ -40,9 +40,8 @@ from typing import Any, ClassVar
 
 from pydantic import Field, model_validator
 
-from vmreclaim.core import loader
 from vmreclaim.core.driver import DriverOptions
-from vmreclaim.core.errors import DriverError, DriverLoadError, HypervisorError
+from vmreclaim.core.errors import HypervisorError
 from vmreclaim.core.hypervisors import (
     ChannelSpec,
     Hypervisor,
@@ -50,6 +49,7 @@ from vmreclaim.core.hypervisors import (
     VMEvent,
     VMEventCallback,
     VMInfo,
+    channel_options_model,
 )
 from vmreclaim.core.model import Disk, VMIdentity
 
@@ -123,10 +123,7 @@ class XenHypervisor(Hypervisor):
 
     def __init__(self, options: DriverOptions | None = None) -> None:
         super().__init__(options)
-        try:
-            self._channel_model = loader.driver_class("transports", self.options.channel_transport).Options
-        except DriverError as exc:
-            raise DriverLoadError(f"xen hypervisor: channel transport: {exc}") from exc
+        self._channel_model = channel_options_model(self.options.channel_transport, "xen hypervisor")
         self._lock = threading.RLock()
         self._session: Any = None
         self._stop = threading.Event()
