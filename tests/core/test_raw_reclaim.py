@@ -260,3 +260,25 @@ def test_range_error_for_request_outside_disk_api(raw_image: Callable[..., Path]
     img = raw_image(MIB, [(0, MIB)])
     with open_image(img) as image, pytest.raises(RangeError, match="outside the virtual disk"):
         Pipeline().reclaim(make_disk(img), image, RangeSet.from_ranges([(MIB - 10, 20)]))
+
+
+@pytest.mark.root
+def test_host_filesystem_that_cannot_punch_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ramfs has no FALLOC_FL_PUNCH_HOLE: exit 4, a message naming it, the file intact."""
+    from vmreclaim.testing.helpers import require_root, run
+
+    require_root()
+    mnt = tmp_path / "ramfs"
+    mnt.mkdir()
+    run(["mount", "-t", "ramfs", "ramfs", str(mnt)])
+    try:
+        img = make_raw_image(mnt / "d.raw", 4 * MIB, [(0, 4 * MIB)])
+        before = img.read_bytes()
+        assert main(["image", "reclaim", str(img), "--range", f"0:{MIB}"]) == 4
+        err = capsys.readouterr().err
+        assert "cannot punch holes" in err and str(img) in err
+        assert img.read_bytes() == before
+    finally:
+        run(["umount", str(mnt)])

@@ -56,9 +56,17 @@ def mounted(
 
 def make_filesystem(device_or_file: str | os.PathLike[str], fstype: str = "ext4", *args: str) -> None:
     """``mkfs.<fstype>`` with quiet, forced defaults plus ``args``."""
-    force = {"ext2": "-F", "ext3": "-F", "ext4": "-F", "xfs": "-f"}.get(fstype, "")
+    # Each mkfs spells "quiet" and "overwrite whatever is there" its own way.
+    defaults = {
+        "ext2": ["-q", "-F"],
+        "ext3": ["-q", "-F"],
+        "ext4": ["-q", "-F"],
+        "xfs": ["-q", "-f"],
+        "btrfs": ["-q", "-f"],
+        "vfat": [],
+    }.get(fstype, ["-q"])
     require_tool(f"mkfs.{fstype}")
-    run([f"mkfs.{fstype}", "-q", *([force] if force else []), *args, str(device_or_file)])
+    run([f"mkfs.{fstype}", *defaults, *args, str(device_or_file)])
 
 
 @contextmanager
