@@ -27,6 +27,9 @@ $SUDO apt-get update -q
 $SUDO apt-get install -y -q --no-install-recommends $PACKAGES
 
 PYTHON="${PYTHON:-python3}"
+# Where python3 is Debian's own interpreter, pip refuses to install into it (PEP 668);
+# this machine is set up for vmreclaim, so allow it. Other interpreters ignore this.
+export PIP_BREAK_SYSTEM_PACKAGES=1
 "$PYTHON" -m pip install -q --upgrade pip
 "$PYTHON" -m pip install -q -e '.[test,dev]'
 echo "vmreclaim set up: $("$PYTHON" -m vmreclaim --version)"
