@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vmreclaim.core.config import HostConfig, load_config
+from vmreclaim.core.punch import allocated_ranges
 from vmreclaim.core.ranges import RangeSet
 from vmreclaim.host.daemon import HostDaemon
 from vmreclaim.testing.helpers import make_raw_image
@@ -210,18 +211,7 @@ def tree_extents(top: Path) -> RangeSet:
 def data_ranges(path: Path) -> RangeSet:
     """Allocated byte ranges of a file (SEEK_DATA / SEEK_HOLE)."""
     fd = os.open(path, os.O_RDONLY)
-    starts, ends = [], []
     try:
-        size, pos = os.fstat(fd).st_size, 0
-        while pos < size:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
-            starts.append(data)
-            ends.append(hole)
-            pos = hole
+        return allocated_ranges(fd)
     finally:
         os.close(fd)
-    return RangeSet(starts, ends)

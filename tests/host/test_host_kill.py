@@ -4,7 +4,6 @@ and after a restart the work resumes (punching twice is harmless)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import sqlite3
 import time
@@ -13,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hosttest import MiB
+from hosttest import MiB, data_ranges
 
 from vmreclaim.core.ranges import RangeSet
 from vmreclaim.host.store import decode_ranges
@@ -184,7 +183,7 @@ def test_after_kills_during_reclaims_the_work_resumes_and_ends_punched(tmp_path:
         assert host.stop() == 0
     acked = RangeSet.from_ranges([r for seq in stream.acked for r in stream.sent[seq]])
     sent = RangeSet.from_ranges([r for rs in stream.sent.values() for r in rs])
-    data = allocated_ranges(image)
+    data = data_ranges(image)
     assert not data.intersect(acked), "an acknowledged range was never punched"
     # Nothing outside what was reported free changed.
     now = np.memmap(image, mode="r")
@@ -193,23 +192,3 @@ def test_after_kills_during_reclaims_the_work_resumes_and_ends_punched(tmp_path:
     for s, n in sent.to_pairs():
         keep[s : s + n] = False
     assert np.array_equal(now[keep], before[keep])
-
-
-def allocated_ranges(path: Path) -> RangeSet:
-    fd = os.open(path, os.O_RDONLY)
-    starts, ends = [], []
-    try:
-        pos = 0
-        size = os.fstat(fd).st_size
-        while pos < size:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
-            starts.append(data)
-            ends.append(hole)
-            pos = hole
-    finally:
-        os.close(fd)
-    return RangeSet(starts, ends)

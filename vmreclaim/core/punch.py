@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from vmreclaim.core.errors import PunchUnsupportedError, VMReclaimError
 from vmreclaim.core.lease import Lease
-from vmreclaim.core.ranges import RangeSet
+from vmreclaim.core.ranges import ByteRange, RangeSet
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -36,6 +36,30 @@ def host_block_size(fd: int) -> int:
 def allocated_bytes(fd: int) -> int:
     """Bytes the host filesystem has allocated for the open file."""
     return os.fstat(fd).st_blocks * 512
+
+
+def allocated_ranges(fd: int, window: ByteRange | None = None) -> RangeSet:
+    """Byte ranges of the open file the host filesystem has allocated, inside ``window``
+    (default: the whole file), from ``SEEK_DATA``/``SEEK_HOLE``: what a punch can free."""
+    if window is None:
+        window = ByteRange(0, os.fstat(fd).st_size)
+    starts: list[int] = []
+    ends: list[int] = []
+    pos = window.start
+    while pos < window.end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after pos
+                break
+            raise
+        if data >= window.end:
+            break
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        starts.append(data)
+        ends.append(min(hole, window.end))
+        pos = hole
+    return RangeSet(starts, ends)
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,11 @@ metadata of its own, so nothing in it is protected from punching but what the ma
 
 from __future__ import annotations
 
-import errno
-import os
-
 import numpy as np
 
 from vmreclaim.core.extents import NO_OFFSET, ExtentKind, ExtentMap
 from vmreclaim.core.formats import Image, ImageFile, ImageFormat, ImageOpener
-from vmreclaim.core.punch import host_block_size
+from vmreclaim.core.punch import allocated_ranges, host_block_size
 from vmreclaim.core.ranges import ByteRange, RangeSet
 
 
@@ -48,27 +45,10 @@ class RawImage(Image):
         return result
 
     def _data_ranges(self, window: ByteRange) -> RangeSet:
-        """Allocated ranges of the file inside ``window``, from SEEK_DATA/SEEK_HOLE."""
+        """Allocated ranges of the file inside ``window`` (a block device: all of it)."""
         if self.file.is_block_device:
             return RangeSet([window.start], [window.end])
-        fd = self.file.fd
-        starts: list[int] = []
-        ends: list[int] = []
-        pos = window.start
-        while pos < window.end:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # no data after pos
-                    break
-                raise
-            if data >= window.end:
-                break
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
-            starts.append(data)
-            ends.append(min(hole, window.end))
-            pos = hole
-        return RangeSet(starts, ends)
+        return allocated_ranges(self.file.fd, window)
 
 
 class RawFormat(ImageFormat):
