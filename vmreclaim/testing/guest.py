@@ -90,7 +90,8 @@ mount -t devtmpfs devtmpfs /newroot/dev
 mkdir -p /newroot/dev/pts /newroot/dev/shm /newroot/dev/virtio-ports
 mount -t devpts devpts /newroot/dev/pts
 mount -t tmpfs tmpfs /newroot/dev/shm
-mount -t tmpfs tmpfs /newroot/tmp
+# /tmp is left to the overlay (writes land in its tmpfs upper layer): a checkout or a
+# tox environment under the host's /tmp must stay visible to the guest.
 mount -t tmpfs tmpfs /newroot/run
 mount -t tmpfs tmpfs /newroot/mnt
 # No udev: make the stable names of virtio-serial ports by hand.
