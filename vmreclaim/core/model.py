@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,6 @@ class DeletionRecord:
     fs: str = ""
     seq: int = 0
     version: int = RECORD_VERSION
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def bytes(self) -> int:

@@ -91,22 +91,14 @@ class Pipeline:
             plan = self.translate(disk, image, ranges, write_fd)
             plan.lease = lease
             if dry_run:
-                report = ReclaimReport(
-                    requested_bytes=plan.requested_bytes,
-                    punched_bytes=plan.punch_bytes,
-                    freed_bytes=0,
-                    skipped=plan.skipped,
-                    dry_run=True,
-                    mode=mode,
-                )
-                self.plugins.reclaim_done(disk=disk, report=report)
-                return report
-            if lease is not None:
-                lease.check()  # translating may have used up the lease
-            result = self.plugins.reclaim_punch(disk=disk, image=image, fd=write_fd, plan=plan)
-            os.fsync(write_fd)
-        freed = result.freed_bytes
-        if deep:
+                punched, freed = plan.punch_bytes, 0
+            else:
+                if lease is not None:
+                    lease.check()  # translating may have used up the lease
+                result = self.plugins.reclaim_punch(disk=disk, image=image, fd=write_fd, plan=plan)
+                os.fsync(write_fd)
+                punched, freed = result.punched_bytes, result.freed_bytes
+        if deep and not dry_run:
             # After our locks are gone: the driver goes through QEMU's own tools, which
             # take QEMU's locks themselves and refuse if a VM started meanwhile.
             before = image.allocated_bytes()
@@ -114,9 +106,10 @@ class Pipeline:
             freed += before - image.allocated_bytes()
         report = ReclaimReport(
             requested_bytes=plan.requested_bytes,
-            punched_bytes=result.punched_bytes,
+            punched_bytes=punched,
             freed_bytes=freed,
             skipped=plan.skipped,
+            dry_run=dry_run,
             mode=mode,
         )
         self.plugins.reclaim_done(disk=disk, report=report)
