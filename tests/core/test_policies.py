@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from vmreclaim import hookimpl
+from vmreclaim.core.options import DEFAULT_MAX_DELAY_SECONDS, DEFAULT_MAX_PENDING_BYTES, PolicyOptions
+from vmreclaim.core.pipeline import Pipeline
+from vmreclaim.core.plugins import Plugins
 from vmreclaim.core.policies import DiskState, StorageState
 from vmreclaim.plugins.policies.always import AlwaysPolicy
 from vmreclaim.plugins.policies.threshold import (
@@ -17,8 +23,10 @@ from vmreclaim.plugins.policies.threshold import (
     start_state,
 )
 from vmreclaim.plugins.policies.watermark import WatermarkOptions, WatermarkPolicy
+from vmreclaim.testing import make_disk
 
 GIB = 1 << 30
+MIB = 1 << 20
 
 
 def storage(used: float) -> StorageState:
@@ -101,3 +109,62 @@ def test_watermark_batches_hurries_and_rate_limits() -> None:
     limited = policy.decide(full, storage(0.95), now=1000)
     assert not limited.reclaim and "ago" in limited.reason
     assert policy.decide(DiskState("d", 1000, 150, last_reclaim=900), storage(0.5), now=1000).reclaim
+
+
+# -- the bound on waiting (every policy) --------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", [ThresholdPolicy(), WatermarkPolicy(), AlwaysPolicy()])
+def test_every_shipped_policy_takes_the_bound_on_waiting(policy: Any) -> None:
+    assert policy.options.max_delay_seconds == DEFAULT_MAX_DELAY_SECONDS
+    assert policy.options.max_pending_bytes == DEFAULT_MAX_PENDING_BYTES
+
+
+def test_a_small_deletion_on_a_large_image_waits_no_longer_than_the_bound() -> None:
+    # The case seen on a real VM: 256 MiB pending on a 1.3 GiB image, the threshold at
+    # its 0.5 ceiling with the host 76 % full — the ratio alone would wait for ever.
+    policy = ThresholdPolicy(ThresholdOptions(max_delay_seconds=600, max_pending_bytes=None))
+    pipeline = Pipeline()
+    disk = make_disk("/dev/null")
+    fresh = DiskState("d", 1300 * MIB, 256 * MIB, oldest_pending=1000.0)
+    decision = pipeline.decide(disk, policy, fresh, storage(0.76), now=1599.0)
+    assert not decision.reclaim and "within threshold" in decision.reason
+    decision = pipeline.decide(disk, policy, fresh, storage(0.76), now=1600.0)
+    assert decision.reclaim and "max_delay_seconds 600" in decision.reason
+
+
+def test_many_pending_bytes_are_reclaimed_whatever_the_ratio() -> None:
+    policy = ThresholdPolicy(ThresholdOptions(initial=0.5, max_pending_bytes=64 * MIB))
+    state = DiskState("d", 100 * GIB, 64 * MIB, oldest_pending=0.0)
+    decision = Pipeline().decide(make_disk("/dev/null"), policy, state, storage(0.5), now=1.0)
+    assert decision.reclaim and "max_pending_bytes" in decision.reason
+    nothing = DiskState("d", 100 * GIB, 0)
+    assert not Pipeline().decide(make_disk("/dev/null"), policy, nothing, storage(0.5), 1e9).reclaim
+
+
+def test_the_bound_can_be_turned_off_and_a_veto_still_applies() -> None:
+    policy = ThresholdPolicy(ThresholdOptions(max_delay_seconds=None, max_pending_bytes=None))
+    state = DiskState("d", 100 * GIB, 1, oldest_pending=0.0)
+    assert not Pipeline().decide(make_disk("/dev/null"), policy, state, storage(0.5), now=1e9).reclaim
+
+    class Pause:
+        @hookimpl
+        def vmreclaim_decide_veto(self, disk: Any, pending_bytes: int, decision: Any) -> str:
+            return "backup window"
+
+    plugins = Plugins()
+    plugins.register(Pause(), "pause")
+    overdue = ThresholdPolicy(ThresholdOptions(max_delay_seconds=1))
+    decision = Pipeline(plugins).decide(make_disk("/dev/null"), overdue, state, storage(0.5), now=1e9)
+    assert not decision.reclaim and "backup window" in decision.reason
+
+
+def test_watermark_interval_may_not_exceed_the_bound() -> None:
+    with pytest.raises(ValidationError, match="min_interval_seconds 900 is above max_delay_seconds 300"):
+        WatermarkOptions(min_interval_seconds=900)
+    WatermarkOptions(min_interval_seconds=900, max_delay_seconds=None)
+
+
+def test_unknown_keys_in_a_policy_block_are_still_errors() -> None:
+    with pytest.raises(ValidationError):
+        PolicyOptions(max_delay=5)  # type: ignore[call-arg]

@@ -136,3 +136,28 @@ def test_a_plugin_can_postpone_what_the_policy_approved(site: Site) -> None:
             await eventually(lambda: rt.totals.freed_bytes == MiB, timeout=10)
 
     asyncio.run(main())
+
+
+def test_a_small_deletion_is_reclaimed_within_the_bound_whatever_the_ratio(site: Site) -> None:
+    # The threshold alone would let 1 MiB on a 16 MiB image wait for ever at 0.5; the
+    # bound on waiting (2 s here, 300 s by default) gives it back.
+    image = site.raw_disk("vm1.raw", size=16 * MiB)
+    channel = site.add_vm("vm1", [{"id": "disk0", "path": image, "format": "raw"}])
+    config = site.config(
+        policy={"driver": "threshold", "initial": 0.5, "floor": 0.5, "max_delay_seconds": 2}
+    )
+
+    async def main() -> None:
+        async with running(config) as daemon, AgentPeer(channel) as peer:
+            rt = daemon.disks["vm1/disk0"]
+            sent = time.time()
+            seq = await peer.send_record([(0, MiB)])
+            await peer.wait_answered(seq)
+            await eventually(lambda: rt.last_decision is not None)
+            assert rt.last_decision is not None and "within threshold" in rt.last_decision.reason
+            await eventually(lambda: rt.totals.reclaims == 1, timeout=30)
+            assert time.time() - sent >= 2
+            assert rt.totals.freed_bytes == MiB
+            assert rt.last_decision is not None and "max_delay_seconds 2" in rt.last_decision.reason
+
+    asyncio.run(main())

@@ -7,7 +7,12 @@ short command's start-up time is most of its run time.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+#: Defaults of the bound on waiting (:class:`PolicyOptions`): a deletion comes back
+#: within five minutes, or at once when a gibibyte of them waits.
+DEFAULT_MAX_DELAY_SECONDS = 300.0
+DEFAULT_MAX_PENDING_BYTES = 1 << 30
 
 
 class DriverOptions(BaseModel):
@@ -18,3 +23,15 @@ class DriverOptions(BaseModel):
 
 class NoOptions(DriverOptions):
     """The options model of a driver that takes none."""
+
+
+class PolicyOptions(DriverOptions):
+    """Options every policy takes: the bound on how long pending bytes may wait.
+
+    Pending bytes whose oldest record is ``max_delay_seconds`` old, or that add up to
+    ``max_pending_bytes``, are reclaimed whatever the driver's own rule says; ``null``
+    turns a bound off. Policy drivers derive their options from this model.
+    """
+
+    max_delay_seconds: float | None = Field(default=DEFAULT_MAX_DELAY_SECONDS, gt=0)
+    max_pending_bytes: int | None = Field(default=DEFAULT_MAX_PENDING_BYTES, gt=0)

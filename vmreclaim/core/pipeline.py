@@ -45,8 +45,11 @@ class Pipeline:
     def decide(
         self, disk: Disk, policy: Policy, state: DiskState, storage: StorageState, now: float
     ) -> Decision:
-        """Stage 3: the policy's decision, which a plugin may postpone."""
-        decision = policy.decide(state, storage, now)
+        """Stage 3: the policy's decision, which a plugin may postpone.
+
+        The bound on waiting (:meth:`Policy.overdue`) comes before the driver's own rule.
+        """
+        decision = policy.overdue(state, now) or policy.decide(state, storage, now)
         if decision.reclaim:
             veto = self.plugins.decide_veto(disk=disk, pending_bytes=state.pending_bytes, decision=decision)
             if veto is not None:

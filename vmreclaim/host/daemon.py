@@ -509,7 +509,9 @@ class HostDaemon:
         except OSError as exc:
             rt.last_decision = Decision(False, f"image {rt.disk.path} cannot be read: {exc.strerror}")
             return
-        state = DiskState(rt.disk.key, size, rt.pending.bytes_upper, rt.totals.last_reclaim)
+        state = DiskState(
+            rt.disk.key, size, rt.pending.bytes_upper, rt.totals.last_reclaim, rt.pending.oldest_received
+        )
         try:
             decision = self.pipeline.decide(rt.disk, self.policy, state, storage, now)
         except Exception as exc:  # a policy plugin's bug: no reclaim, and say so

@@ -28,11 +28,11 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from vmreclaim.core.driver import DriverOptions
+from vmreclaim.core.options import PolicyOptions
 from vmreclaim.core.policies import Decision, DiskState, Policy, StorageState
 
 
-class ThresholdOptions(DriverOptions):
+class ThresholdOptions(PolicyOptions):
     initial: float | None = Field(default=None, ge=0.0, le=1.0)
     slope: float = Field(default=1.0, ge=0.0)
     fall_factor: float = Field(default=0.5, gt=0.0, lt=1.0)

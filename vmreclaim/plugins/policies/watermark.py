@@ -8,16 +8,26 @@ the guest's filesystem for a moment.
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from vmreclaim.core.driver import DriverOptions
+from vmreclaim.core.options import PolicyOptions
 from vmreclaim.core.policies import Decision, DiskState, Policy, StorageState
 
 
-class WatermarkOptions(DriverOptions):
+class WatermarkOptions(PolicyOptions):
     batch_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     high_watermark: float = Field(default=0.85, gt=0.0, le=1.0)
     min_interval_seconds: float = Field(default=60.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _interval_within_bound(self) -> WatermarkOptions:
+        # The bound on waiting wins over the interval; a longer interval would be a lie.
+        if self.max_delay_seconds is not None and self.min_interval_seconds > self.max_delay_seconds:
+            raise ValueError(
+                f"min_interval_seconds {self.min_interval_seconds:g} is above "
+                f"max_delay_seconds {self.max_delay_seconds:g}"
+            )
+        return self
 
 
 class WatermarkPolicy(Policy):
