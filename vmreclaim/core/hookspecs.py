@@ -9,8 +9,11 @@ in ``docs/architecture.md``)::
     2 verify    vmreclaim_verify_filter             vmreclaim_record_rejected   (observe)
         │                                           3 decide    vmreclaim_decide_veto
         └──── record over the VM's channel ───►     4 translate vmreclaim_translate_filter
-                                                    5 reclaim   vmreclaim_reclaim_punch
+                                                    5 reclaim   (the core punches; no hook)
                                                                 vmreclaim_reclaim_done (observe)
+
+Outside the pipeline, ``vmreclaim_cli_add_commands`` lets a plugin (a driver's companion
+module, say) add its own subcommands to the ``vmreclaim`` command line.
 
 Rules every hook follows:
 
@@ -23,7 +26,8 @@ Rules every hook follows:
   are loaded by name (:mod:`vmreclaim.core.loader`). The punch itself is the core's
   (``fallocate``); a storage-side unmap (an array's own call) would be a driver kind,
   not a hook — there is none yet.
-* Every hook is called by :class:`vmreclaim.core.pipeline.Pipeline`, nowhere else.
+* Every pipeline hook is called by :class:`vmreclaim.core.pipeline.Pipeline`, nowhere
+  else (the CLI's ``vmreclaim_cli_add_commands`` is no pipeline event: the CLI calls it).
 
 A plugin writes ``from vmreclaim import hookimpl`` and registers its module in the
 entry-point group ``vmreclaim.hooks``.
@@ -36,6 +40,8 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    import argparse
+
     from vmreclaim.core.formats import Image
     from vmreclaim.core.lease import Lease
     from vmreclaim.core.model import DeletionRecord, Disk, VMIdentity
@@ -198,6 +204,30 @@ def vmreclaim_reclaim_done(disk: Disk, report: ReclaimReport) -> None:
     :param disk: The disk that was reclaimed.
     :param report: The outcome.
     :returns: Nothing; results are ignored.
+
+    .. versionadded:: 0.1
+    """
+
+
+# -- outside the pipeline: the command line ---------------------------------------------
+
+
+@hookspec
+def vmreclaim_cli_add_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    """Add subcommands to the ``vmreclaim`` command line.
+
+    Called once by the CLI while it builds its parser, after its own commands. An
+    implementation calls ``commands.add_parser(...)`` and hands the chosen parser a
+    function with :func:`vmreclaim.core.commands.set_command`; that function returns a
+    :class:`~vmreclaim.core.commands.CommandOutput`, which the CLI prints (JSON with
+    ``--json``, text otherwise) so every byte of output stays in the CLI.
+
+    :param commands: The ``vmreclaim`` top-level subparsers.
+    :returns: Nothing; results are ignored. Every implementation is called.
+
+    Wrappers are not expected.
 
     .. versionadded:: 0.1
     """

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 
 from vmreclaim import __version__
 from vmreclaim.core.errors import ChannelError, UsageError
-from vmreclaim.core.units import human_bytes
 
 if TYPE_CHECKING:
     # Types only: ``vmreclaim status`` (the client below) need not load the daemon's
@@ -316,56 +315,3 @@ class StatusDocument:
                 else None
             ),
         }
-
-
-# -- human output ---------------------------------------------------------------------------
-
-
-def _size(n: int | None) -> str:
-    return "-" if n is None else human_bytes(n)
-
-
-def _ago(when: float | None, now: float) -> str:
-    if when is None:
-        return "never"
-    seconds = max(0.0, now - when)
-    if seconds < 120:
-        return f"{seconds:.0f}s ago"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m ago"
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(when))
-
-
-def print_status(doc: dict[str, Any], console: Any) -> None:
-    """The status document as tables, for people."""
-    from rich.table import Table
-
-    now = time.time()
-    policy = doc.get("policy", {})
-    state = ", ".join(f"{k}={v}" for k, v in policy.items() if k != "driver")
-    console.print(
-        f"vmreclaim host {doc.get('version', '?')}, up {doc.get('uptime_seconds', 0):.0f}s; "
-        f"policy [bold]{policy.get('driver', '?')}[/bold]"
-        + (f" ({state})" if state else "")
-        + f"; rejected records: {doc.get('rejected_records', 0)}"
-    )
-    table = Table()
-    for col in ("vm", "agent", "disk", "pending", "punched", "freed", "last reclaim", "state"):
-        table.add_column(col, justify="right" if col in ("pending", "punched", "freed") else "left")
-    for vm in doc.get("vms", []):
-        agent = vm.get("agent") or {}
-        who = "connected" if agent.get("connected") else "-"
-        running = "running" if vm.get("running") else "stopped"
-        disks = vm.get("disks", []) or [{}]
-        for i, disk in enumerate(disks):
-            table.add_row(
-                f"{vm.get('name')} ({running})" if i == 0 else "",
-                who if i == 0 else "",
-                str(disk.get("id", "")),
-                _size(disk.get("pending_bytes")),
-                _size(disk.get("punched_bytes")),
-                _size(disk.get("freed_bytes")),
-                _ago(disk.get("last_reclaim"), now),
-                str(disk.get("state", "")),
-            )
-    console.print(table)
