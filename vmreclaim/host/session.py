@@ -49,9 +49,11 @@ from vmreclaim.core.protocol import (
     Welcome,
     WelcomeDisk,
     _Message,
+    check_record_document,
     decode_from_agent,
     encode,
     ranges_to_pairs,
+    record_seq,
 )
 from vmreclaim.core.ranges import RangeSet
 from vmreclaim.core.transports import MAX_LINE_BYTES
@@ -312,8 +314,14 @@ class AgentSession:
             self._bad_line("'hello' may only be the first message", "protocol")
 
     def _record(self, doc: dict[str, Any]) -> None:
-        raw_seq = doc.get("seq", 0)
-        seq = raw_seq if type(raw_seq) is int and raw_seq >= 0 else 0
+        seq = record_seq(doc)
+        try:
+            check_record_document(doc)
+        except ProtocolError as exc:
+            # A seq that cannot be echoed gets a bare ``error`` (nack needs a wire int).
+            self._bad_line(f"record {seq}: {exc}", "invalid", seq=seq)
+            return
+        assert seq is not None  # check_record_document bounded it
         disk_id = doc.get("disk")
         disk = self.vm.disk(disk_id) if isinstance(disk_id, str) else None
         if disk is None:
@@ -353,6 +361,9 @@ class AgentSession:
         def done(rid: int | None, error: BaseException | None) -> None:
             if error is None:
                 self.send(Ack(seq=record.seq))
+            elif isinstance(error, ProtocolError):
+                # This record alone was refused by the database: it would never pass.
+                self._bad_line(f"record {record.seq}: {error}", "unstorable", seq=record.seq)
             elif not self.closed:
                 # Not durable, so not acknowledged: the agent still has it in its spool
                 # and sends it again when it reconnects.
