@@ -20,12 +20,13 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vmreclaim.core.errors import ProtocolError
 from vmreclaim.core.model import DeletionRecord
 from vmreclaim.host.logs import event
+from vmreclaim.host.pending import fingerprint
 from vmreclaim.host.store import DeletionStore, Finish, ReclaimRow, StoredRecord
 
 #: A batch holds at most this many records (bounded transaction size and latency).
@@ -43,6 +44,16 @@ class Incoming:
     received: float
     #: Called on the event loop with the record's id once committed, or with the error.
     done: Callable[[int | None, BaseException | None], None]
+    #: Identical records (same disk, same ranges) that arrived while this one waited for
+    #: its commit: they are answered with its outcome and never stored themselves.
+    followers: list[Callable[[int | None, BaseException | None], None]] = field(default_factory=list)
+    #: :func:`~vmreclaim.host.pending.fingerprint` of the ranges (set by ``submit``).
+    print_: bytes = b""
+
+    def complete(self, rid: int | None, error: BaseException | None) -> None:
+        self.done(rid, error)
+        for done in self.followers:
+            done(rid, error)
 
 
 class Committer:
@@ -60,6 +71,8 @@ class Committer:
         self._db = db
         self._on_committed = on_committed
         self._queue: list[Incoming] = []
+        #: (disk, fingerprint of its ranges) -> the record waiting or being committed.
+        self._inflight: dict[tuple[str, bytes], Incoming] = {}
         self._rejected: Counter[str] = Counter()
         self._finishes: list[tuple[Finish, asyncio.Future[None]]] = []
         self._attempts: list[ReclaimRow] = []
@@ -80,7 +93,21 @@ class Committer:
         self._next_id += 1
         return rid
 
+    def _forget(self, batch: list[Incoming]) -> None:
+        """The batch has its outcome: resends from now on are new records."""
+        for item in batch:
+            if self._inflight.get((item.key, item.print_)) is item:
+                del self._inflight[(item.key, item.print_)]
+
     def submit(self, item: Incoming) -> None:
+        item.print_ = fingerprint(item.record.ranges)
+        print_ = (item.key, item.print_)
+        first = self._inflight.get(print_)
+        if first is not None:
+            # A resend of a record not committed yet: it gets the first one's answer.
+            first.followers.append(item.done)
+            return
+        self._inflight[print_] = item
         self._queue.append(item)
         self._backlog += len(item.record.ranges)
         if self._backlog > MAX_BACKLOG_RANGES:
@@ -196,15 +223,17 @@ class Committer:
                         # it alone is refused and the others of its batch commit.
                         failed = await self._isolate(rows, rejected, done, attempts, policy, exc)
                 except Exception as exc:  # a full disk, an I/O error: nothing is acked
+                    self._forget(batch)
                     event(logging.ERROR, "ingest.commit_failed", records=len(batch), error=str(exc))
                     for item in batch:
-                        item.done(None, exc)
+                        item.complete(None, exc)
                     for _, future in finishes:
                         if not future.done():
                             future.set_exception(exc)
                     self._rejected.update(rejected)
                     await asyncio.sleep(0.5)
                 else:
+                    self._forget(batch)
                     self.commits += 1
                     self.last_commit_seconds = time.monotonic() - started
                     committed = [
@@ -214,9 +243,9 @@ class Committer:
                         self._on_committed(committed)
                     for item, row in zip(batch, rows, strict=True):
                         if row.id in failed:
-                            item.done(None, failed[row.id])
+                            item.complete(None, failed[row.id])
                         else:
-                            item.done(row.id, None)
+                            item.complete(row.id, None)
                     for _, future in finishes:
                         if not future.done():
                             future.set_result(None)

@@ -57,7 +57,8 @@ from vmreclaim.core.protocol import (
 )
 from vmreclaim.core.ranges import RangeSet
 from vmreclaim.core.transports import MAX_LINE_BYTES
-from vmreclaim.host.logs import event
+from vmreclaim.host.budget import DEFAULT_LIMITS, VMBudget
+from vmreclaim.host.logs import event, guest_event
 
 #: An agent must say hello this soon after connecting.
 HELLO_TIMEOUT = 30.0
@@ -144,8 +145,11 @@ class AgentSession:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         peer: str,
+        budget: VMBudget | None = None,
     ) -> None:
         self.host = host
+        #: What this VM's channel may still cost (shared by its connections).
+        self.budget = budget or VMBudget(DEFAULT_LIMITS)
         self.vm = vm
         self.name = vm.identity.name
         self.reader = reader
@@ -167,12 +171,14 @@ class AgentSession:
     # -- the connection's life -----------------------------------------------------------
 
     async def run(self) -> None:
-        event(logging.INFO, "agent.connected", vm=self.name, peer=self.peer)
+        guest_event(self.name, logging.INFO, "agent.connected", peer=self.peer)
         try:
             if await self._handshake():
                 await self._serve()
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            event(logging.INFO, "agent.connection_lost", vm=self.name, error=str(exc) or type(exc).__name__)
+            guest_event(
+                self.name, logging.INFO, "agent.connection_lost", error=str(exc) or type(exc).__name__
+            )
         finally:
             await self.close("channel closed")
 
@@ -190,10 +196,10 @@ class AgentSession:
         self.writer.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.writer.wait_closed(), 2.0)
-        event(
+        guest_event(
+            self.name,
             logging.INFO,
             "agent.disconnected",
-            vm=self.name,
             why=why,
             records=self.records,
             rejected=self.rejected,
@@ -214,7 +220,7 @@ class AgentSession:
             return await self.reader.readuntil(b"\n")
         except asyncio.IncompleteReadError as exc:
             if exc.partial:
-                event(logging.WARNING, "agent.partial_line", vm=self.name, bytes=len(exc.partial))
+                guest_event(self.name, logging.WARNING, "agent.partial_line", bytes=len(exc.partial))
             return None
         except asyncio.LimitOverrunError as exc:
             dropped = len(await self.reader.read(exc.consumed))
@@ -239,6 +245,7 @@ class AgentSession:
             return False
         if line is None:
             return False
+        await self.budget.pace(len(line))
         try:
             hello = decode_from_agent(line)
         except ProtocolError as exc:
@@ -268,10 +275,10 @@ class AgentSession:
                     f"the agent's disk {disk.id!r} has {said.size} bytes but the image {disk.path} "
                     f"of {disk.key} has a virtual size of {sizes[disk.id]} bytes"
                 )
-                event(
+                guest_event(
+                    self.name,
                     logging.ERROR,
                     "agent.disk_mismatch",
-                    vm=self.name,
                     disk=disk.id,
                     detail=mismatched[disk.id],
                 )
@@ -287,10 +294,10 @@ class AgentSession:
         )
         self.welcomed = True
         unknown = sorted(set(announced) - {d.id for d in self.vm.disks})
-        event(
+        guest_event(
+            self.name,
             logging.INFO,
             "agent.hello",
-            vm=self.name,
             agent=hello.agent,
             capabilities=sorted(caps),
             modes=modes,
@@ -307,13 +314,17 @@ class AgentSession:
     async def _serve(self) -> None:
         while not self.closed:
             await self.host.room()
+            await self.budget.room()
             try:
                 line = await self._next_line()
             except ProtocolError as exc:
+                await self.budget.pace(MAX_LINE_BYTES)
                 self._bad_line(str(exc), "oversize")
                 continue
             if line is None:
                 return
+            # Past its rates the VM waits here, unread: its own socket fills, nobody else's.
+            await self.budget.pace(len(line))
             try:
                 message = decode_from_agent(line)
             except ProtocolError as exc:
@@ -342,7 +353,7 @@ class AgentSession:
         elif isinstance(message, Released):
             self._released(message)
         elif isinstance(message, Error):
-            event(logging.WARNING, "agent.error", vm=self.name, error=message.error, ref=message.ref)
+            guest_event(self.name, logging.WARNING, "agent.error", error=message.error, ref=message.ref)
         elif isinstance(message, Pong):
             pass
         elif isinstance(message, Hello):
@@ -390,10 +401,12 @@ class AgentSession:
             return
         self._bad_in_a_row = 0
         self.records += 1
+        self.budget.hold(len(record.ranges))
         self.host.ingest(disk, record, self._acknowledger(record))
 
     def _acknowledger(self, record: DeletionRecord) -> Callable[[int | None, BaseException | None], None]:
         def done(rid: int | None, error: BaseException | None) -> None:
+            self.budget.release(len(record.ranges))
             if error is None:
                 self.send(Ack(seq=record.seq))
             elif isinstance(error, ProtocolError):
