@@ -33,16 +33,13 @@ from vmreclaim.agent import linux
 from vmreclaim.agent.devices import DiskMap, Topology, TopologyError, find_mount
 from vmreclaim.core.captures import FileExtents
 from vmreclaim.core.config import FilesystemEntry
+from vmreclaim.core.errors import AgentSetupError
 from vmreclaim.core.pipeline import Pipeline
 from vmreclaim.core.ranges import ByteRange, RangeSet
 
 log = logging.getLogger("vmreclaim.agent")
 
 VerifyMode = Literal["getfsmap", "fitrim-only"]
-
-
-class SetupError(Exception):
-    """A configured filesystem cannot be watched; the message names it and says why."""
 
 
 class WatchedFs:
@@ -54,7 +51,7 @@ class WatchedFs:
         try:
             self.fd = os.open(self._mount, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
-            raise SetupError(f"filesystem {entry.mount}: cannot open it: {exc.strerror}") from exc
+            raise AgentSetupError(f"filesystem {entry.mount}: cannot open it: {exc.strerror}") from exc
         try:
             self._setup(topology or Topology())
         except BaseException:
@@ -66,9 +63,9 @@ class WatchedFs:
         try:
             info = find_mount(self._mount)
         except (OSError, TopologyError) as exc:
-            raise SetupError(f"filesystem {entry.mount}: {exc}") from exc
+            raise AgentSetupError(f"filesystem {entry.mount}: {exc}") from exc
         if info.mount != self._mount:
-            raise SetupError(f"filesystem {entry.mount}: not a mount point (it lies on {info.mount})")
+            raise AgentSetupError(f"filesystem {entry.mount}: not a mount point (it lies on {info.mount})")
         self.dev = os.fstat(self.fd).st_dev
         self._fstype = info.fstype
         self.diskmap: DiskMap | None = None
@@ -80,7 +77,9 @@ class WatchedFs:
             self.mode = "fitrim-only"
             self.problem = f"{self._fstype} has no GETFSMAP ({os.strerror(exc.errno or 0)})"
         except OSError as exc:
-            raise SetupError(f"filesystem {entry.mount}: GETFSMAP failed: {exc.strerror or exc}") from exc
+            raise AgentSetupError(
+                f"filesystem {entry.mount}: GETFSMAP failed: {exc.strerror or exc}"
+            ) from exc
         try:
             self.diskmap = topology.map_device(self.dev)
         except TopologyError as exc:
@@ -92,7 +91,7 @@ class WatchedFs:
             self.disk_id = self.diskmap.disk.serial
         else:
             where = self.diskmap.disk.name if self.diskmap is not None else "its disk"
-            raise SetupError(
+            raise AgentSetupError(
                 f"filesystem {entry.mount}: {where} has no serial number; name the disk in the "
                 "configuration (filesystems: - {mount: ..., disk: NAME})"
             )
