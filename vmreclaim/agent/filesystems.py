@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 from vmreclaim.agent import linux
-from vmreclaim.agent.devices import DiskMap, Topology, TopologyError, find_mount
+from vmreclaim.agent.devices import DiskMap, Topology, _TopologyError, find_mount
 from vmreclaim.core.captures import FileExtents
 from vmreclaim.core.config import FilesystemEntry
 from vmreclaim.core.errors import AgentSetupError
@@ -62,7 +62,7 @@ class WatchedFs:
         entry = self.entry
         try:
             info = find_mount(self._mount)
-        except (OSError, TopologyError) as exc:
+        except (OSError, _TopologyError) as exc:
             raise AgentSetupError(f"filesystem {entry.mount}: {exc}") from exc
         if info.mount != self._mount:
             raise AgentSetupError(f"filesystem {entry.mount}: not a mount point (it lies on {info.mount})")
@@ -72,17 +72,17 @@ class WatchedFs:
         self.problem: str | None = None
         self.mode: VerifyMode = "getfsmap"
         try:
-            linux.free_space(self.fd, self.dev, 0, 1)
-        except linux.FsmapUnsupported as exc:
-            self.mode = "fitrim-only"
-            self.problem = f"{self._fstype} has no GETFSMAP ({os.strerror(exc.errno or 0)})"
+            missing = linux.fsmap_missing(self.fd, self.dev)
         except OSError as exc:
             raise AgentSetupError(
                 f"filesystem {entry.mount}: GETFSMAP failed: {exc.strerror or exc}"
             ) from exc
+        if missing is not None:
+            self.mode = "fitrim-only"
+            self.problem = f"{self._fstype} has no GETFSMAP ({missing})"
         try:
             self.diskmap = topology.map_device(self.dev)
-        except TopologyError as exc:
+        except _TopologyError as exc:
             self.mode = "fitrim-only"
             self.problem = self.problem or str(exc)
         if entry.disk is not None:
