@@ -61,7 +61,7 @@ def assert_punched(before: bytes, after: bytes, punched: list[tuple[int, int]]) 
 def punchable(img: Path, guest: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """The guest ranges whose host bytes are whole host-filesystem blocks (4 KiB)."""
     out = []
-    with open_image(img) as image:
+    with open_image(img, writing=False) as image:
         for start, length in guest:
             for ext in image.map(ByteRange(start, length)):
                 if ext.kind is not ExtentKind.DATA or ext.offset is None:
@@ -134,7 +134,9 @@ def test_backing_file_is_never_written(tmp_path: Path, capsys: Any) -> None:
     qemu_io(top, "write -P 2 1M 1M")
     base_digest, base_mtime = digest(base), base.stat().st_mtime_ns
     before = qemu_read(top, "qcow2", 0, 4 * MiB)
-    code, doc, _ = cli(capsys, "image", "reclaim", str(top), "--range", f"0:{4 * MiB}", "--json")
+    code, doc, _ = cli(
+        capsys, "image", "reclaim", str(top), "--range", f"0:{4 * MiB}", "--format", "qcow2", "--json"
+    )
     assert code == 0
     assert doc["punched_bytes"] == MiB
     assert {(s["start"], s["length"], s["reason"]) for s in doc["skipped"]} == {
@@ -232,8 +234,9 @@ def test_deep_mode_is_refused_for_v2_with_backing(tmp_path: Path, capsys: Any) -
     top = qemu_img_create(tmp_path / "t.qcow2", 4 * MiB, compat="0.10", backing="b.qcow2")
     qemu_io(top, "write -P 1 0 1M")
     d = digest(top)
-    code, _, err = cli(capsys, "image", "reclaim", str(top), "--range", f"0:{MiB}", "--deep", "--json")
-    assert code == 4 and "deep" in err
+    code, _, err = cli(capsys, "image", "reclaim", str(top), "--range", f"0:{MiB}", "--deep", "--format",
+                       "qcow2", "--json")  # fmt: skip
+    assert code == 4 and "version 2 qcow2 image with a backing file" in err
     assert digest(top) == d and base.exists()
 
 
@@ -252,9 +255,12 @@ def test_external_data_file_is_punched_and_locked(tmp_path: Path, capsys: Any) -
     qcow2_digest = digest(img)
     data = tmp_path / "x.raw"
     with qemu_io_holding(img, "qcow2"):  # QEMU locks the data file as well
-        code, _, err = cli(capsys, "image", "reclaim", str(img), "--range", f"0:{MiB}", "--json")
+        code, _, err = cli(
+            capsys, "image", "reclaim", str(img), "--range", f"0:{MiB}", "--format", "qcow2", "--json"
+        )
         assert code == 3, err
-    code, doc, err = cli(capsys, "image", "reclaim", str(img), "--range", f"{64 * KiB}:{MiB}", "--json")
+    code, doc, err = cli(capsys, "image", "reclaim", str(img), "--range", f"{64 * KiB}:{MiB}", "--format",
+                         "qcow2", "--json")  # fmt: skip
     assert code == 0, err
     assert doc["punched_bytes"] == MiB and doc["freed_bytes"] > 0
     assert digest(img) == qcow2_digest  # the metadata file is never written
@@ -300,17 +306,19 @@ def test_differencing_vhd_punches_the_child_never_the_parent(tmp_path: Path, cap
         size=size, parent=parent, parent_uid=parent_uid, locators=[(W2RU, "parent.vhd".encode("utf-16-le"))],
         blocks={1: (bitmap_of(range(0, 2048)), data)}))  # fmt: skip
     parent_digest = digest(parent)
-    with open_image(child) as image:
+    with open_image(child, "vhd") as image:
         assert image.info()["backing"] == [str(parent)]
         # Sectors 0-2047 of block 1 are the child's, the rest of the block the parent's.
         assert image.read(2 * MiB, MiB) == data[:MiB]
         assert image.read(3 * MiB, MiB) == b"\x01" * MiB
-    code, doc, err = cli(capsys, "image", "reclaim", str(child), "--range", f"0:{size}", "--json")
+    code, doc, err = cli(
+        capsys, "image", "reclaim", str(child), "--range", f"0:{size}", "--format", "vhd", "--json"
+    )
     assert code == 0, err
     expect = punchable(child, [(2 * MiB, MiB)])
     assert doc["punched_bytes"] == sum(n for _, n in expect) >= MiB - 4096
     assert digest(parent) == parent_digest
-    with open_image(child) as image:
+    with open_image(child, "vhd") as image:
         after = image.read(2 * MiB, 2 * MiB)
     assert_punched(data[:MiB] + b"\x01" * MiB, after, [(s - 2 * MiB, n) for s, n in expect])
 

@@ -759,7 +759,7 @@ class Qcow2Format(ImageFormat):
             if data_path.resolve() == file.path.resolve():
                 raise CorruptImageError(f"{file.path}: qcow2 external data file names the image itself")
             try:
-                data_file = ImageFile(data_path)
+                data_file = opener.data_file(data_path)
             except UsageError as exc:
                 raise UnsupportedImageError(
                     f"{file.path}: qcow2 external data file {h.data_file!r} cannot be opened: {exc}"
