@@ -291,7 +291,8 @@ def _plugin_modules(folder: str) -> list[str]:
 
 def _with_broken(module: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
     code = _BREAK_ONE_MODULE.format(module=module, argv=argv)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    argv_ = [sys.executable, "-c", code]
+    return subprocess.run(argv_, capture_output=True, text=True, timeout=120, check=False)
 
 
 def _state(path: Path) -> tuple[bytes, int, int]:
