@@ -30,11 +30,14 @@ from formats.imagetools import (
     sh,
     write_vhd,
 )
+from vmreclaim import hookimpl
 from vmreclaim.core.errors import ImageBusyError, UnsupportedImageError
 from vmreclaim.core.extents import ExtentKind
 from vmreclaim.core.image import open_image
 from vmreclaim.core.pipeline import Pipeline
+from vmreclaim.core.plugins import Plugins
 from vmreclaim.core.ranges import ByteRange, RangeSet
+from vmreclaim.core.reclaim import ReclaimPlan
 from vmreclaim.testing import make_disk, qemu_io_holding
 
 pytestmark = pytest.mark.qemu
@@ -339,3 +342,46 @@ def test_vhd_has_no_deep_mode(tmp_path: Path) -> None:
     qemu_io(img, "write -P 3 0 1M", fmt="vpc")
     with open_image(img) as image, pytest.raises(UnsupportedImageError, match="deep"):
         Pipeline().reclaim(make_disk(img), image, RangeSet.from_ranges([(0, MiB)]), deep=True)
+
+
+# -- every mode acts on the filtered plan (issue 11 item 7) ------------------------------------
+
+
+class KeepOnly:
+    """A hook plugin that vetoes every host byte but those of the guest range ``keep``
+    (a stand-in for a site policy: "never touch this region")."""
+
+    def __init__(self, keep: ByteRange | None) -> None:
+        self.keep = keep
+
+    @hookimpl
+    def vmreclaim_translate_filter(self, image: Any, plan: ReclaimPlan) -> RangeSet:
+        if self.keep is None:
+            return RangeSet()
+        return image.map(self.keep).select(ExtentKind.DATA).host_ranges()
+
+
+@pytest.mark.parametrize("deep", [False, True], ids=["punch", "deep"])
+def test_a_vetoing_plugin_holds_in_every_mode(full_qcow2: Path, deep: bool) -> None:
+    """Asked for guest [0, 4M), a plugin keeps only [2M, 3M): the other 3 MiB read as
+    before through QEMU (the deep discard must not release them either)."""
+    img = full_qcow2
+    before = qemu_read(img, "qcow2", 0, 8 * MiB)
+    with open_image(img, "qcow2") as image:
+        pipeline = Pipeline(Plugins([KeepOnly(ByteRange(2 * MiB, MiB))]))
+        report = pipeline.reclaim(make_disk(img), image, RangeSet([0], [4 * MiB]), deep=deep)
+    assert report.punched_bytes == MiB
+    assert_punched(before, qemu_read(img, "qcow2", 0, 8 * MiB), [(2 * MiB, MiB)])
+    qemu_check(img)
+    if deep:
+        assert our_map(img, "qcow2").bytes_of(ExtentKind.ZERO) == MiB
+
+
+@pytest.mark.parametrize("deep", [False, True], ids=["punch", "deep"])
+def test_a_plugin_that_vetoes_everything_leaves_the_image_unchanged(full_qcow2: Path, deep: bool) -> None:
+    d = digest(full_qcow2)
+    with open_image(full_qcow2, "qcow2") as image:
+        pipeline = Pipeline(Plugins([KeepOnly(None)]))
+        report = pipeline.reclaim(make_disk(full_qcow2), image, RangeSet([0], [4 * MiB]), deep=deep)
+    assert report.punched_bytes == 0 and report.freed_bytes == 0
+    assert digest(full_qcow2) == d
