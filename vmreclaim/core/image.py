@@ -6,11 +6,10 @@ import os
 from pathlib import Path
 
 from vmreclaim.core import loader
+from vmreclaim.core.driver import AUTO
 from vmreclaim.core.errors import CorruptImageError, UnsupportedImageError
 from vmreclaim.core.formats import Image, ImageFile, ImageFormat
 
-#: ``format: auto`` in configs and the CLI's default: probe every installed driver.
-AUTO = "auto"
 #: A backing chain deeper than this is treated as a loop (QEMU's limit is similar).
 MAX_BACKING_DEPTH = 64
 
