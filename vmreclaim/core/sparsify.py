@@ -31,10 +31,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vmreclaim.core import loader
+from vmreclaim.core.driver import AUTO
 from vmreclaim.core.errors import ImageBusyError, VMReclaimError
 from vmreclaim.core.filesystems import FilesystemReader, ProgressCallback, identify
 from vmreclaim.core.formats import Image
-from vmreclaim.core.image import AUTO, open_image
+from vmreclaim.core.image import open_image
 from vmreclaim.core.locks import busy_reason, hold_for_writing
 from vmreclaim.core.model import Disk
 from vmreclaim.core.pipeline import Pipeline

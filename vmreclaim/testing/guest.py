@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from xml.sax.saxutils import escape, quoteattr
 
+from vmreclaim.core.punch import allocated_bytes
 from vmreclaim.testing.helpers import require_root, require_tool, run
 
 if TYPE_CHECKING:
@@ -631,11 +632,6 @@ def make_ext4_image(path: str | os.PathLike[str], size: int, fmt: str = "qcow2",
         run(["qemu-img", "convert", "-f", "raw", "-O", fmt, *options, str(raw), str(path)])
         raw.unlink()
     return path
-
-
-def allocated_bytes(path: str | os.PathLike[str]) -> int:
-    """Bytes the host filesystem has allocated to a file."""
-    return os.stat(path).st_blocks * 512
 
 
 @contextlib.contextmanager
