@@ -266,22 +266,32 @@ def test_five_kills_during_deletions_on_a_loaded_machine_return_99_percent_withi
                     path.unlink()
                 time.sleep(rng.uniform(0.2, 1.5))
                 host.kill()
+                # A loaded machine restarts a daemon slowly (systemd's RestartSec, a busy
+                # CPU): the agent meanwhile backs off, the spool grows.
+                time.sleep(rng.uniform(6.0, 12.0))
                 host.start(timeout=60)
             shutil.rmtree(top)
             restarted = time.monotonic()
+            while not host.status()["vms"][0]["agent"]["connected"]:
+                time.sleep(0.05)
+            back = time.monotonic()
 
             def reclaimed() -> float:
                 still = data_ranges(image).intersect(gone)
                 return 1 - still.total / gone.total
 
             while reclaimed() < 0.99:
-                took = time.monotonic() - restarted
-                assert took < 60, (
+                assert time.monotonic() - restarted < 60, (
                     f"{reclaimed():.1%} reclaimed after 60s\nstatus: {host.status()}\n"
                     f"--- agent:\n{agent.logs()[-5000:]}\n--- host:\n{host.logs()[-5000:]}"
                 )
                 time.sleep(0.2)
             took = time.monotonic() - restarted
+            # Where it used to stall: the agent slept out a backoff grown while the host
+            # was down, then the host slept out the retry backoff its agent-less attempts
+            # had grown. Once the agent is back, the work is one fence away.
+            after_agent = time.monotonic() - back
+            assert after_agent < 15, f"99 % took {after_agent:.1f}s after the agent was back"
         finally:
             if load is not None:
                 load.stop()
