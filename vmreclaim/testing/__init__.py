@@ -5,6 +5,7 @@ available in any test suite that has vmreclaim installed. Everything here drives
 components — files, ``qemu-img``/``qemu-io``, loop devices — never mocks of them.
 """
 
+from vmreclaim.testing.contracts import CaptureContract, PolicyContract, TransportContract
 from vmreclaim.testing.helpers import (
     have_tool,
     is_root,
@@ -18,6 +19,9 @@ from vmreclaim.testing.helpers import (
 )
 
 __all__ = [
+    "CaptureContract",
+    "PolicyContract",
+    "TransportContract",
     "have_tool",
     "is_root",
     "make_disk",

@@ -1,0 +1,12 @@
+"""The quiet-hours policy passes the same contract as vmreclaim's own policies.
+
+Run with ``pytest`` once this package and vmreclaim are installed: the suite comes from
+``vmreclaim.testing`` and loads the driver through its entry point, as the host does.
+"""
+
+from vmreclaim.testing import PolicyContract
+
+
+class TestQuietHours(PolicyContract):
+    driver = "quiet-hours"
+    options = {"busy_from": 9, "busy_until": 17}
