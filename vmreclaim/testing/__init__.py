@@ -5,7 +5,14 @@ available in any test suite that has vmreclaim installed. Everything here drives
 components — files, ``qemu-img``/``qemu-io``, loop devices — never mocks of them.
 """
 
-from vmreclaim.testing.contracts import CaptureContract, PolicyContract, TransportContract
+from vmreclaim.testing.contracts import (
+    CaptureContract,
+    FilesystemContract,
+    FormatContract,
+    HypervisorContract,
+    PolicyContract,
+    TransportContract,
+)
 from vmreclaim.testing.helpers import (
     have_tool,
     is_root,
@@ -20,6 +27,9 @@ from vmreclaim.testing.helpers import (
 
 __all__ = [
     "CaptureContract",
+    "FilesystemContract",
+    "FormatContract",
+    "HypervisorContract",
     "PolicyContract",
     "TransportContract",
     "have_tool",

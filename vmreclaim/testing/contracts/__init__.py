@@ -6,7 +6,17 @@ project runs its own drivers through the same classes a third-party author uses.
 """
 
 from vmreclaim.testing.contracts.captures import CaptureContract
+from vmreclaim.testing.contracts.filesystems import FilesystemContract
+from vmreclaim.testing.contracts.formats import FormatContract
+from vmreclaim.testing.contracts.hypervisors import HypervisorContract
 from vmreclaim.testing.contracts.policies import PolicyContract
 from vmreclaim.testing.contracts.transports import TransportContract
 
-__all__ = ["CaptureContract", "PolicyContract", "TransportContract"]
+__all__ = [
+    "CaptureContract",
+    "FilesystemContract",
+    "FormatContract",
+    "HypervisorContract",
+    "PolicyContract",
+    "TransportContract",
+]
