@@ -55,9 +55,9 @@ class CaptureContract:
 
     @pytest.fixture
     def target(self, tmp_path: Path) -> Iterator[Any]:
-        """A :class:`~vmreclaim.agent.filesystems.WatchedFs` on a fresh loop-mounted filesystem."""
+        """A :class:`~vmreclaim.agent.watched.WatchedFs` on a fresh loop-mounted filesystem."""
         require_root()
-        from vmreclaim.agent.filesystems import WatchedFs
+        from vmreclaim.agent.watched import WatchedFs
         from vmreclaim.core.config import FilesystemEntry
 
         image = tmp_path / f"capture.{self.fstype}"
