@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -170,3 +171,32 @@ def test_vmreclaim_testing_works_from_an_installed_package(tmp_path: Path) -> No
     for path in (site / "vmreclaim" / "testing").rglob("*.py"):
         text = path.read_text()
         assert '"tests"' not in text and "parents[2]" not in text, f"{path} reaches into a checkout"
+
+
+def walkthroughs() -> dict[str, list[str]]:
+    """Each walk-through of docs/architecture.md: its title and the module of each step."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    section = text.split("## Walk-throughs", 1)[1]
+    paths: dict[str, list[str]] = {}
+    for block in section.split("\n### ")[1:]:
+        title, _, body = block.partition("\n")
+        steps = [line.split("`", 2)[1] for line in body.splitlines() if line[:1].isdigit() and ". `" in line]
+        paths[title] = steps
+    return paths
+
+
+def test_the_walkthroughs_name_real_modules_once_each() -> None:
+    paths = walkthroughs()
+    assert len(paths) == 2 and all(len(steps) >= 4 for steps in paths.values()), paths
+    text = (ROOT / "docs" / "architecture.md").read_text().split("## Walk-throughs", 1)[1]
+    named = set(re.findall(r"`(vmreclaim/[\w/]+\.py)`", text))
+    missing = sorted(p for p in named if not (ROOT / p).is_file())
+    assert not missing, f"docs/architecture.md names modules that do not exist: {missing}"
+    for title, steps in paths.items():
+        assert all(s.startswith("vmreclaim/") and s.endswith(".py") for s in steps), steps
+        repeated = {s for s in steps if steps.count(s) > 1}
+        assert not repeated, f"{title}: the flow comes back to {repeated}"
+    offline = next(steps for title, steps in paths.items() if "image reclaim" in title)
+    assert offline[0] == "vmreclaim/cli/main.py" and offline[-1] == "vmreclaim/core/punch.py"
+    live = next(steps for title, steps in paths.items() if "deletion" in title)
+    assert live[0].startswith("vmreclaim/agent/") and live[-1] == "vmreclaim/core/punch.py"
