@@ -123,8 +123,9 @@ def sparsify_image(
     bar = progress if progress is not None else _Silent()
     with open_image(path, format) as image, _locked(image, dry_run) as fd:
         image.check_punchable()
-        results, free = _scan(image, bar)
-        report = _reclaim(image, free, fd, dry_run, bar)
+        scan = scan_free_space(image, bar)
+        results = scan.results
+        report = _reclaim(image, scan.free, fd, dry_run, bar)
     not_punched: dict[str, int] = {}
     if report is not None:
         for skip in report.skipped:
@@ -162,11 +163,37 @@ def _locked(image: Image, dry_run: bool) -> Iterator[int]:
         yield stack.enter_context(hold_for_writing(image.data_file.path))
 
 
-def _scan(image: Image, bar: Stages) -> tuple[list[FilesystemResult], RangeSet]:
-    """Every volume identified and every readable filesystem's free bytes, in disk order."""
+@dataclass(frozen=True)
+class FreeScan:
+    """What the filesystems of an image say is free, read offline from their structures."""
+
+    #: One entry per volume of the disk, in disk order, with why it was skipped.
+    results: list[FilesystemResult]
+    #: Free ranges of the virtual disk (partition starts applied).
+    free: RangeSet
+    #: The volumes whose filesystem was read: outside them nothing is known.
+    covered: RangeSet
+
+    @property
+    def skipped(self) -> list[str]:
+        """``"label: reason"`` for every volume that could not be read."""
+        return [f"{r.volume.label}: {r.skipped}" for r in self.results if r.skipped is not None]
+
+
+def scan_free_space(image: Image, progress: Stages | None = None) -> FreeScan:
+    """Every volume identified and every readable filesystem's free bytes, in disk order.
+
+    The one reader of guest free space offline: ``image sparsify`` and the host
+    daemon's offline reclaim both call it, so both refuse the same damaged filesystems
+    (a driver raises an :class:`~vmreclaim.core.errors.ImageError` when a cross-check
+    fails) and every installed reader must load (a broken one raises
+    :class:`~vmreclaim.core.errors.DriverLoadError`, never a silent skip).
+    """
+    bar = progress if progress is not None else _Silent()
     readers = loader.load_all("filesystems", FilesystemReader)
     results: list[FilesystemResult] = []
     free = RangeSet()
+    covered = RangeSet()
     for volume in scan_volumes(image):
         if volume.skip_reason is not None:
             results.append(FilesystemResult(volume, volume.content, None, 0, volume.skip_reason))
@@ -180,7 +207,7 @@ def _scan(image: Image, bar: Stages) -> tuple[list[FilesystemResult], RangeSet]:
                     det.type if det else None,
                     det.block_size if det else None,
                     0,
-                    found.skip_reason,
+                    found.skip_reason or "no filesystem reader",
                     det.label if det else "",
                 )
             )
@@ -193,10 +220,11 @@ def _scan(image: Image, bar: Stages) -> tuple[list[FilesystemResult], RangeSet]:
                 "free bytes past the end of the volume; nothing was punched"
             )
         free = free.union(space.free.shift(volume.start))
+        covered = covered.union(RangeSet([volume.start], [volume.start + min(volume.length, space.size)]))
         results.append(
             FilesystemResult(volume, det.type, space.block_size, space.free.total, None, det.label)
         )
-    return results, free
+    return FreeScan(results, free, covered)
 
 
 def _reclaim(image: Image, free: RangeSet, fd: int, dry_run: bool, bar: Stages) -> ReclaimReport | None:

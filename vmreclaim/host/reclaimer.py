@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from vmreclaim.core import loader
 from vmreclaim.core.errors import (
     FenceError,
     HypervisorError,
@@ -164,29 +163,15 @@ def offline_free_space(image: Image) -> tuple[RangeSet, RangeSet, list[str]]:
 
     Returns ``(free, covered, skipped)``: the free virtual-disk ranges, the ranges of
     the volumes whose filesystem could be read (outside them nothing is known), and why
-    the others could not. Raises an ImageError when a filesystem must not be trusted
-    (a journal that needs recovery).
+    the others could not. The same reader and cross-checks as ``image sparsify``
+    (:func:`vmreclaim.core.sparsify.scan_free_space`): an ImageError when a filesystem
+    must not be trusted (a journal that needs recovery, counts that disagree).
     """
     # Imported here: only the offline path needs the filesystem readers.
-    from vmreclaim.core.filesystems import FilesystemReader, identify
-    from vmreclaim.core.volumes import scan_volumes
+    from vmreclaim.core.sparsify import scan_free_space
 
-    readers = loader.load_all("filesystems", FilesystemReader)
-    free = RangeSet()
-    covered = RangeSet()
-    skipped = []
-    for volume in scan_volumes(image):
-        if volume.skip_reason:
-            skipped.append(f"{volume.label}: {volume.skip_reason}")
-            continue
-        found = identify(volume, readers)
-        if found.reader is None or found.detection is None or found.skip_reason:
-            skipped.append(f"{volume.label}: {found.skip_reason or 'no filesystem reader'}")
-            continue
-        space = found.reader.free_space(volume, found.detection)
-        free = free.union(space.free.shift(volume.start))
-        covered = covered.union(RangeSet([volume.start], [volume.start + min(volume.length, space.size)]))
-    return free, covered, skipped
+    scan = scan_free_space(image)
+    return scan.free, scan.covered, scan.skipped
 
 
 class Postponed(VMReclaimError):
