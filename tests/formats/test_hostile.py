@@ -107,7 +107,7 @@ def test_refcount_block_on_the_header_is_an_overlap(qcow2: Path, capsys: Any) ->
     put(qcow2, h.refcount_table_offset, ">Q", 65536 * 0)  # block 0 now "absent": refcounts 0
     before = qcow2.read_bytes()
     assert _qemu_errors(qcow2) > 0
-    code, doc, err = cli(capsys, "image", "reclaim", str(qcow2), "--range", "0:65536", "--json")
+    code, _, err = cli(capsys, "image", "reclaim", str(qcow2), "--range", "0:65536", "--json")
     # Every cluster in use has refcount 0 now: `qemu-img check` errors, so refused.
     assert code == 4 and "refcount 0 but 1 reference" in err, err
     assert qcow2.read_bytes() == before
@@ -125,7 +125,7 @@ def test_two_guest_clusters_on_one_host_cluster_are_never_punched(qcow2: Path, c
         f.write(first)  # guest cluster 20 now aliases guest cluster 0
     before = qcow2.read_bytes()
     assert _qemu_errors(qcow2) > 0
-    code, doc, err = cli(capsys, "image", "reclaim", str(qcow2), "--range", "0:65536", "--json")
+    code, _, err = cli(capsys, "image", "reclaim", str(qcow2), "--range", "0:65536", "--json")
     assert code == 4 and "has refcount 1 but 2 reference(s)" in err, err
     assert qcow2.read_bytes() == before
 
