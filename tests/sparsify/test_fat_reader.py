@@ -288,7 +288,11 @@ def test_corrupted_metadata_never_frees_a_used_cluster(
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 @pytest.mark.parametrize("kind", ["fat16", "fat32"])
 def test_sparsify_frees_deleted_files(
-    tmp_path: Path, src: tuple[Path, dict[str, bytes]], kind: str, fmt: str
+    tmp_path: Path,
+    src: tuple[Path, dict[str, bytes]],
+    kind: str,
+    fmt: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     img = tmp_path / "disk.img"
     mkfat(img, 64 * MIB, ["-F", kind[3:], "-s", "4" if kind == "fat16" else "1"])
@@ -299,14 +303,10 @@ def test_sparsify_frees_deleted_files(
     disk = convert(img, fmt)
     before = allocated(disk)
     driver = {"raw": "raw", "qcow2": "qcow2"}[fmt]
-    proc = subprocess.run(
-        ["vmreclaim", "image", "sparsify", str(disk), "--format", driver, "--json"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert '"vfat"' in proc.stdout
+    code = main(["image", "sparsify", str(disk), "--format", driver, "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert '"vfat"' in out.out
     freed = before - allocated(disk)
     deleted = sum(len(d) for n, d in files.items() if n not in survivors)
     assert freed >= 0.9 * deleted, f"freed {freed} of {deleted} deleted bytes"
