@@ -107,9 +107,10 @@ class AgReader:
         if cnt.shape != bno.shape or not np.array_equal(cnt[np.argsort(cnt[:, 0], kind="stable")], bno):
             raise self._fail("bnobt and cntbt list different free extents")
         total = int(lengths.sum())
-        if total != freeblks or (int(lengths.max()) if lengths.size else 0) != longest:
+        biggest = int(lengths.max()) if lengths.size else 0
+        if total != freeblks or biggest != longest:
             raise self._fail(
-                f"free-space trees hold {total} blocks (longest {int(lengths.max()) if lengths.size else 0}); "
+                f"free-space trees hold {total} blocks (longest {biggest}); "
                 f"the AGF counts {freeblks} (longest {longest})"
             )
         used = np.array(sorted(self.visited | set(agfl.tolist())), dtype=np.int64)

@@ -73,7 +73,7 @@ def verify_crc(block: bytes, offset: int) -> bool:
     """An XFS metadata CRC: CRC32C of the block with its CRC field zeroed, inverted, LE."""
     (stored,) = struct.unpack_from("<I", block, offset)
     zeroed = block[:offset] + b"\0\0\0\0" + block[offset + 4 :]
-    return crc32c(0xFFFFFFFF, zeroed) ^ 0xFFFFFFFF == stored
+    return bool(crc32c(0xFFFFFFFF, zeroed) ^ 0xFFFFFFFF == stored)
 
 
 def parse(raw: bytes, where: str) -> Superblock:
