@@ -306,6 +306,8 @@ class Reclaimer:
                     "fence", REFUSED, f"agent refused fence {fid}: {reply.error}", requested_bytes=requested
                 )
             granted = min(self.lease_seconds, reply.lease_ms / 1000)
+            # The guest filesystem is frozen from here until fence.released.
+            event(logging.DEBUG, "fence.granted", vm=session.name, fence=fid, lease_seconds=granted)
             lease = Lease.starting(sent_at, granted, self.margin_seconds, what=f"fence {fid} on {disk.key}")
             session.hold(fid, lease)
             try:
