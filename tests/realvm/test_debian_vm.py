@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 import yaml
 
-from vmreclaim.core.punch import allocated_ranges
+from vmreclaim.core.punch import held_ranges
 from vmreclaim.core.ranges import RangeSet
 from vmreclaim.testing import require_root, require_tool
 from vmreclaim.testing.debian_vm import DebianImage, GuestShell, build_image, build_wheelhouse, domain_xml
@@ -145,7 +145,7 @@ class RealVM:
         """Bytes of ``host`` (qcow2 file offsets) the host filesystem still holds."""
         fd = os.open(self.disk, os.O_RDONLY)
         try:
-            return allocated_ranges(fd).intersect(host).total
+            return held_ranges(fd).intersect(host).total
         finally:
             os.close(fd)
 
@@ -217,7 +217,9 @@ def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealVM]:
             domain.create()
             real.record("boot_to_qemu_ga_seconds", round(real.shell.wait_ready(300), 1))
             assert real.host is not None
-            real.host.wait_for(lambda _d: "agent.connected" in real.host.logs(), 300, "agent connected")  # type: ignore[union-attr]
+            # agent.connected is only QEMU's end of the port; hello is the agent itself.
+            host = real.host
+            host.wait_for(lambda _d: "agent.hello" in host.logs(), 300, "the agent's hello")
             real.record("boot_to_agent_seconds", round(time.monotonic() - started, 1))
             yield real
         finally:
@@ -258,9 +260,15 @@ def _delete_and_measure(vm: RealVM, make: str, paths: str, key: str) -> None:
 
 
 def test_writer_starts(vm: RealVM) -> None:
-    vm.shell.run("rm -f /run/writer.stop /run/writer.result")
-    vm.shell.spawn(f"exec python3 - <<'EOF'\n{WRITER_SCRIPT}\nEOF")
-    vm.shell.run("sleep 1; test -s /var/tmp/writer.log")
+    vm.shell.run(
+        f"rm -f /run/writer.stop /run/writer.result && cat > /run/writer.py <<'EOF'\n{WRITER_SCRIPT}\nEOF\n"
+        "setsid python3 /run/writer.py > /run/writer.out 2>&1 < /dev/null &"
+    )
+    # Python starts slowly under TCG: give it time to write its first block.
+    vm.shell.run(
+        "for i in $(seq 300); do test -s /var/tmp/writer.log && exit 0; sleep 0.1; done; "
+        "cat /run/writer.out; exit 1"
+    )
 
 
 def test_big_file_comes_back(vm: RealVM) -> None:

@@ -21,7 +21,7 @@ from vmreclaim.core.plugins import Plugins
 from vmreclaim.core.policies import Decision, DiskState, Policy, StorageState
 from vmreclaim.core.punch import host_block_size
 from vmreclaim.core.ranges import RangeSet
-from vmreclaim.core.reclaim import ReclaimPlan, ReclaimReport, plan_reclaim
+from vmreclaim.core.reclaim import ReclaimPlan, ReclaimReport, only_allocated, plan_reclaim
 
 
 class Pipeline:
@@ -91,7 +91,9 @@ class Pipeline:
             nullcontext(fd) if fd is not None else hold_for_writing(image.data_file.path)
         )
         with holder as write_fd:
-            plan = self.translate(disk, image, ranges, write_fd)
+            # Only bytes the file holds are punched and counted: a dry run then reports
+            # what a real run frees, and ranges punched before do not count twice.
+            plan = only_allocated(self.translate(disk, image, ranges, write_fd), write_fd)
             plan.lease = lease
             if dry_run:
                 punched, freed = plan.punch_bytes, 0

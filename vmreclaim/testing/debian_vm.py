@@ -160,7 +160,8 @@ def _debootstrap(cache: Path) -> Path:
 
 
 def _chroot(root: Path, *argv: str, what: str) -> str:
-    env_argv = ["env", "-i", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL=C.UTF-8"]
+    path = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    env_argv = ["env", "-i", path, "LC_ALL=C.UTF-8"]
     return _run(["chroot", str(root), *env_argv, *argv], what)
 
 
