@@ -367,7 +367,7 @@ def test_third_party_hook_plugin_is_listed_with_its_hooks(plugin_venv: Path) -> 
     hooks = {h["name"]: h for h in json.loads(proc.stdout)["hooks"]}
     audit = hooks["example-audit"]
     assert audit["distribution"] == "vmreclaim-example-plugin" and audit["error"] is None
-    assert audit["hooks"] == ["vmreclaim_decide_veto", "vmreclaim_reclaim_done"]
+    assert audit["hooks"] == ["vmreclaim_decide_veto", "vmreclaim_translate_filter", "vmreclaim_reclaim_done"]
     assert hooks["libvirt"]["hooks"] == ["vmreclaim_cli_add_commands"]
     text = run_in(plugin_venv, "plugins", env={"COLUMNS": "200"}).stdout
     assert "vmreclaim hook plugins" in text and "example-audit" in text
