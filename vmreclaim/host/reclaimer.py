@@ -213,16 +213,23 @@ class Reclaimer:
 
     # -- guest trim ------------------------------------------------------------------------
 
-    async def _trim(self, disk: Disk, agent: AgentLink, ranges: RangeSet) -> Attempt:
+    async def _trim(self, disk: Disk, agent: AgentLink, asked: RangeSet) -> Attempt:
+        requested = asked.total
+        try:
+            ranges = await self._thread(self._trimmable, disk, asked)
+        except (ImageError, OSError, VMReclaimError) as exc:
+            return Attempt("trim", FAILED, str(exc), requested_bytes=requested)
+        if not ranges:
+            return Attempt("trim", DONE, "the plan leaves nothing to trim", requested_bytes=requested)
         async with agent.fence_lock:
             before = await self._thread(allocated_bytes, disk.path)
             try:
                 reply = await agent.trim(disk, ranges, self.trim_timeout)
             except FenceError as exc:
-                return Attempt("trim", REFUSED, str(exc), requested_bytes=ranges.total)
+                return Attempt("trim", REFUSED, str(exc), requested_bytes=requested)
             if isinstance(reply, FenceRefused):
                 return Attempt(
-                    "trim", REFUSED, f"agent refused to trim: {reply.error}", requested_bytes=ranges.total
+                    "trim", REFUSED, f"agent refused to trim: {reply.error}", requested_bytes=requested
                 )
             freed = before - await self._thread(allocated_bytes, disk.path)
             if reply.error and not reply.trimmed_bytes:
@@ -230,19 +237,29 @@ class Reclaimer:
                     # The guest's disk takes no discards after all: fence from now on.
                     agent.stop_trimming(disk.id)
                 return Attempt(
-                    "trim", REFUSED, f"agent could not trim: {reply.error}", requested_bytes=ranges.total
+                    "trim", REFUSED, f"agent could not trim: {reply.error}", requested_bytes=requested
                 )
-        report = ReclaimReport(ranges.total, reply.trimmed_bytes, freed, [], mode="trim")
+        report = ReclaimReport(requested, reply.trimmed_bytes, freed, [], mode="trim")
         self.pipeline.trimmed(disk, report)
         return Attempt(
             "trim",
             DONE,
             f"guest trimmed {reply.trimmed_bytes} bytes" + (f" ({reply.error})" if reply.error else ""),
-            requested_bytes=ranges.total,
+            requested_bytes=requested,
             verified_bytes=reply.trimmed_bytes,
             punched_bytes=reply.trimmed_bytes,
             freed_bytes=freed,
         )
+
+    def _trimmable(self, disk: Disk, asked: RangeSet) -> RangeSet:
+        """What the guest may trim of ``asked``: the guest ranges of the filtered plan
+        (:meth:`Pipeline.translate`), so a ``translate_filter`` veto holds in this mode
+        as in every other; a range the plan drops is never sent to the guest."""
+        with self.images.open(disk) as image:
+            ranges = asked.clip(ByteRange(0, image.virtual_size))
+            if not ranges:
+                return ranges
+            return self.pipeline.translate(disk, image, ranges).guest_ranges
 
     # -- fenced host punch -----------------------------------------------------------------
 
