@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from vmreclaim.core import loader
 from vmreclaim.core.driver import AUTO
-from vmreclaim.core.errors import ImageBusyError, VMReclaimError
+from vmreclaim.core.errors import CorruptImageError, ImageBusyError, VMReclaimError
 from vmreclaim.core.filesystems import FilesystemReader, ProgressCallback, identify
 from vmreclaim.core.formats import Image
 from vmreclaim.core.image import open_image
@@ -195,7 +195,9 @@ def scan_free_space(image: Image, stage: Callable[[str], ProgressCallback] | Non
     results: list[FilesystemResult] = []
     free = RangeSet()
     covered = RangeSet()
-    for volume in scan_volumes(image):
+    volumes = scan_volumes(image)
+    _refuse_a_whole_disk_filesystem_beside_a_table(image, volumes, readers)
+    for volume in volumes:
         if volume.skip_reason is not None:
             results.append(FilesystemResult(volume, volume.content, None, 0, volume.skip_reason))
             continue
@@ -227,6 +229,28 @@ def scan_free_space(image: Image, stage: Callable[[str], ProgressCallback] | Non
             FilesystemResult(volume, det.type, space.block_size, space.free.total, None, det.label)
         )
     return FreeSpaceScan(results, free, covered)
+
+
+def _refuse_a_whole_disk_filesystem_beside_a_table(
+    image: Image, volumes: list[Volume], readers: dict[str, FilesystemReader]
+) -> None:
+    """A partition table and a whole-disk filesystem on the same disk is ambiguous.
+
+    ext never uses sector 0, so an MBR there (planted by a guest, or left from before
+    the disk was formatted whole) coexists with a whole-disk ext4; a "partition" of that
+    table may then lie inside a file of the real filesystem, and its "free" space is that
+    file's data. Which one the guest mounts cannot be told from the bytes: refuse, as
+    ``blkid`` refuses an ambivalent probe, before anything is punched.
+    """
+    if all(v.number is None for v in volumes):
+        return
+    whole = identify(Volume(image, 0, image.virtual_size), readers).detection
+    if whole is not None:
+        scheme = next(v.scheme for v in volumes if v.number is not None)
+        raise CorruptImageError(
+            f"{image.file.path}: the disk holds both a {scheme} partition table and a whole-disk "
+            f"{whole.type} filesystem; refusing to guess which one the guest uses"
+        )
 
 
 def _reclaim(image: Image, free: RangeSet, fd: int, dry_run: bool, bar: Stages) -> ReclaimReport | None:
