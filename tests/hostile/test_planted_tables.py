@@ -76,3 +76,30 @@ def test_an_mbr_planted_over_a_whole_disk_ext4_punches_nothing(tmp_path: Path, f
     assert file_digest(img, "fat.bin", tmp_path / "after.bin") == before
     assert rc == 4
     assert hashlib.sha256(img.read_bytes()).hexdigest() == image_before
+
+
+def test_a_fat_boot_sector_over_an_mbr_does_not_hide_its_partitions(tmp_path: Path) -> None:
+    """A FAT BPB in sector 0 whose partition entries are valid: Linux reads the entries
+    (boot flags 0x00/0x80) and mounts partition 1's ext4, while vmreclaim took the whole
+    disk for an empty FAT16 and punched all 30 MiB of that ext4. Refuse: ambiguous."""
+    require_tool("mkfs.ext4", "mkfs.vfat", "e2fsck")
+    img = tmp_path / "disk.raw"
+    with open(img, "wb") as f:
+        f.truncate(40 * MIB)
+    run(["mkfs.vfat", "-F", "16", str(img)])
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "data.bin").write_bytes(os.urandom(8 * MIB))
+    part = tmp_path / "part.raw"
+    with open(part, "wb") as f:
+        f.truncate(30 * MIB)
+    run(["mkfs.ext4", "-q", "-F", "-d", str(src), str(part)])
+    with open(img, "r+b") as f:
+        f.seek(446)
+        f.write(struct.pack("<BBBBBBBBII", 0, 0, 0, 0, 0x83, 0, 0, 0, MIB // 512, 30 * MIB // 512))
+        f.seek(MIB)
+        f.write(part.read_bytes())
+    image_before = hashlib.sha256(img.read_bytes()).hexdigest()
+    rc = main(["image", "sparsify", "--format", "raw", str(img)])
+    assert hashlib.sha256(img.read_bytes()).hexdigest() == image_before
+    assert rc == 4

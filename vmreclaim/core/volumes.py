@@ -116,9 +116,18 @@ def scan_volumes(image: Image) -> list[Volume]:
 
 def _read_table(image: Image, head: bytes, size: int) -> list[Volume]:
     whole = [Volume(image, 0, size)]
-    if head[510:512] != b"\x55\xaa" or _is_boot_sector_filesystem(head):
+    if head[510:512] != b"\x55\xaa":
         return whole
     entries = _mbr_entries(head[:SECTOR])
+    if _is_boot_sector_filesystem(head):
+        if entries:
+            # Linux reads these entries (their boot flags are valid) and mounts the
+            # partitions; taking the disk for one FAT/NTFS would punch them as free.
+            raise CorruptImageError(
+                f"{image.file.path}: sector 0 is both a FAT/NTFS boot sector and a partition "
+                "table with valid entries; refusing to guess which one the guest uses"
+            )
+        return whole
     if entries is None:
         return whole
     if any(e.type == _MBR_PROTECTIVE for e in entries):
