@@ -236,7 +236,7 @@ def test_third_party_plugin_is_listed_and_loads_like_a_builtin(plugin_venv: Path
 
     config = tmp_path / "host.yaml"
     config.write_text(
-        "hypervisor: {driver: static, vms: [{name: vm1, disks: [{id: d0, path: /x.raw}],"
+        "hypervisor: {driver: static, vms: [{name: vm1, disks: [{id: d0, path: /x.raw, format: raw}],"
         " channel: {driver: unix, path: /run/x.sock}}]}\n"
         "policy: {driver: quiet-hours, busy_from: 9, busy_until: 17}\n"
         "database: /tmp/db\nstatus_socket: /tmp/s\n"
