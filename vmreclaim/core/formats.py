@@ -36,6 +36,7 @@ import numpy.typing as npt
 from vmreclaim.core.driver import Driver
 from vmreclaim.core.errors import CorruptImageError, ImageError, UnsupportedImageError, UsageError
 from vmreclaim.core.extents import ExtentKind, ExtentMap
+from vmreclaim.core.punch import allocated_bytes
 from vmreclaim.core.ranges import ByteRange, RangeSet
 
 _BLKGETSIZE64 = 0x80081272
@@ -169,7 +170,7 @@ class ImageFile:
         """Bytes the host filesystem has allocated for the file (``st_blocks``)."""
         if self.is_block_device:
             return self.size
-        return os.fstat(self.fd).st_blocks * 512
+        return allocated_bytes(self.fd)
 
     def close(self) -> None:
         if self.fd >= 0:

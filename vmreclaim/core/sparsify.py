@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,8 +123,7 @@ def sparsify_image(
     bar = progress if progress is not None else _Silent()
     with open_image(path, format) as image, _locked(image, dry_run) as fd:
         image.check_punchable()
-        scan = scan_free_space(image, bar)
-        results = scan.results
+        scan = scan_free_space(image, bar.stage)
         report = _reclaim(image, scan.free, fd, dry_run, bar)
     not_punched: dict[str, int] = {}
     if report is not None:
@@ -133,7 +132,7 @@ def sparsify_image(
     return SparsifyReport(
         image=str(path),
         format=image.format_name,
-        filesystems=results,
+        filesystems=scan.filesystems,
         punched_bytes=report.punched_bytes if report else 0,
         freed_bytes=report.freed_bytes if report else 0,
         seconds=time.monotonic() - started,
@@ -164,32 +163,30 @@ def _locked(image: Image, dry_run: bool) -> Iterator[int]:
 
 
 @dataclass(frozen=True)
-class FreeScan:
-    """What the filesystems of an image say is free, read offline from their structures."""
+class FreeSpaceScan:
+    """What the guest filesystems of an image say is free, read from their structures."""
 
-    #: One entry per volume of the disk, in disk order, with why it was skipped.
-    results: list[FilesystemResult]
-    #: Free ranges of the virtual disk (partition starts applied).
+    #: Every volume, in disk order, with what was found on it.
+    filesystems: list[FilesystemResult]
+    #: Free bytes of the virtual disk (every readable filesystem's, shifted to disk offsets).
     free: RangeSet
-    #: The volumes whose filesystem was read: outside them nothing is known.
+    #: The bytes of the volumes whose filesystem was read: outside them nothing is known.
     covered: RangeSet
 
     @property
     def skipped(self) -> list[str]:
-        """``"label: reason"`` for every volume that could not be read."""
-        return [f"{r.volume.label}: {r.skipped}" for r in self.results if r.skipped is not None]
+        """``"<volume>: <why>"`` for every volume whose free space was not read."""
+        return [f"{f.volume.label}: {f.skipped}" for f in self.filesystems if f.skipped is not None]
 
 
-def scan_free_space(image: Image, progress: Stages | None = None) -> FreeScan:
-    """Every volume identified and every readable filesystem's free bytes, in disk order.
+def scan_free_space(image: Image, stage: Callable[[str], ProgressCallback] | None = None) -> FreeSpaceScan:
+    """Identify every volume of ``image`` and read each readable filesystem's free bytes.
 
-    The one reader of guest free space offline: ``image sparsify`` and the host
-    daemon's offline reclaim both call it, so both refuse the same damaged filesystems
-    (a driver raises an :class:`~vmreclaim.core.errors.ImageError` when a cross-check
-    fails) and every installed reader must load (a broken one raises
-    :class:`~vmreclaim.core.errors.DriverLoadError`, never a silent skip).
+    Used by ``image sparsify`` and by the host daemon's offline mode. Raises an
+    :class:`~vmreclaim.core.errors.ImageError` when a filesystem must not be trusted
+    (a journal that needs recovery), and :class:`~vmreclaim.core.errors.VMReclaimError`
+    when a filesystem driver reports free bytes past the end of its volume.
     """
-    bar = progress if progress is not None else _Silent()
     readers = loader.load_all("filesystems", FilesystemReader)
     results: list[FilesystemResult] = []
     free = RangeSet()
@@ -212,7 +209,8 @@ def scan_free_space(image: Image, progress: Stages | None = None) -> FreeScan:
                 )
             )
             continue
-        space = found.reader.free_space(volume, det, bar.stage(f"{volume.label}: {det.type} bitmaps"))
+        progress = stage(f"{volume.label}: {det.type} bitmaps") if stage is not None else None
+        space = found.reader.free_space(volume, det, progress)
         if space.free and int(space.free.ends[-1]) > volume.length:
             # A driver bug, not a property of the image: refuse loudly (exit 1).
             raise VMReclaimError(
@@ -224,7 +222,7 @@ def scan_free_space(image: Image, progress: Stages | None = None) -> FreeScan:
         results.append(
             FilesystemResult(volume, det.type, space.block_size, space.free.total, None, det.label)
         )
-    return FreeScan(results, free, covered)
+    return FreeSpaceScan(results, free, covered)
 
 
 def _reclaim(image: Image, free: RangeSet, fd: int, dry_run: bool, bar: Stages) -> ReclaimReport | None:
