@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sparsify_bench import (  # noqa: E402  (a sibling script, not a package)
+from sparsify_bench import (  # a sibling script (bench/ is no package)
     GIB,
     MIB,
     Result,
