@@ -14,7 +14,7 @@ import json
 import os
 import struct
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -338,3 +338,101 @@ def test_lv_volume_reads_stay_inside_the_lv(ext4_in_lv: tuple[Path, GuestDisk]) 
         assert found.detection is not None and found.detection.type == "ext4"
         with pytest.raises(VMReclaimError, match="past the end of the volume"):
             lv.read(lv.length - 10, 20, "probe")
+
+
+def rewrite_metadata(img: Path, edit: Callable[[bytes], bytes]) -> None:
+    """Replace the current metadata text in place, with valid text and header CRCs."""
+    mda, text_at, size = metadata_area(img)
+    with open(img, "rb") as f:
+        f.seek(text_at)
+        text = f.read(size)
+    new = edit(text.rstrip(b"\0")) + b"\0"
+    with open(img, "r+b") as f:
+        f.seek(text_at)
+        f.write(new)
+        f.seek(mda)
+        hdr = bytearray(f.read(512))
+        struct.pack_into("<QI", hdr, 48, len(new), lvm_crc(new))
+        struct.pack_into("<I", hdr, 0, lvm_crc(bytes(hdr[4:])))
+        f.seek(mda)
+        f.write(hdr)
+
+
+SNAPSHOT_AND_THIN = b"""
+snap {
+id = "aaaaaa-aaaa-aaaa-aaaa-aaaa-aaaa-aaaaaa"
+status = ["READ", "WRITE", "VISIBLE"]
+flags = []
+segment_count = 1
+segment1 {
+start_extent = 0
+extent_count = 2
+type = "striped"
+stripe_count = 1
+stripes = [
+"pv0", 60
+]
+}
+}
+snapshot0 {
+id = "bbbbbb-bbbb-bbbb-bbbb-bbbb-bbbb-bbbbbb"
+status = ["READ"]
+flags = []
+segment_count = 1
+segment1 {
+start_extent = 0
+extent_count = 48
+type = "snapshot"
+chunk_size = 8
+origin = "data"
+cow_store = "snap"
+}
+}
+pool_tdata {
+id = "cccccc-cccc-cccc-cccc-cccc-cccc-cccccc"
+status = ["READ", "WRITE"]
+flags = []
+segment_count = 1
+segment1 {
+start_extent = 0
+extent_count = 8
+type = "striped"
+stripe_count = 1
+stripes = [
+"pv0", 70
+]
+}
+}
+pool {
+id = "dddddd-dddd-dddd-dddd-dddd-dddd-dddddd"
+status = ["READ", "WRITE", "VISIBLE"]
+flags = []
+segment_count = 1
+segment1 {
+start_extent = 0
+extent_count = 8
+type = "thin-pool"
+metadata = "pool_tmeta"
+pool = "pool_tdata"
+transaction_id = 0
+chunk_size = 128
+}
+}
+"""
+
+
+def test_snapshot_origins_and_pool_components_are_skipped(ext4_in_lv: tuple[Path, GuestDisk]) -> None:
+    """Metadata as lvm2 writes it for a snapshot of ``data`` and a thin pool (written
+    here, since lvcreate refuses those without device-mapper): the origin, the COW
+    store, the pool and its data LV are all skipped; ``first`` is still read."""
+    img, _ = ext4_in_lv
+    rewrite_metadata(
+        img, lambda t: t.replace(b"logical_volumes {\n", b"logical_volumes {\n" + SNAPSHOT_AND_THIN, 1)
+    )
+    got = {v.name: v.skip_reason for v in volumes(img) if v.scheme == "lvm"}
+    assert got["vg2/first"] is None
+    assert got["vg2/data"] and "origin" in got["vg2/data"]
+    assert got["vg2/snap"] and "component" in got["vg2/snap"]
+    assert got["vg2/snapshot0"] and "'snapshot'" in got["vg2/snapshot0"]
+    assert got["vg2/pool"] and "'thin-pool'" in got["vg2/pool"]
+    assert got["vg2/pool_tdata"]

@@ -246,7 +246,7 @@ def _truth(img: Path) -> tuple[RangeSet, list[int]]:
         lay = Layout(img)
         out = run(["ntfsinfo", "-v", "-i", "6", str(img)])
         bitmap = int(re.search(r"Runlist:.*\n\s+0x0\s+0x([0-9a-f]+)", out).group(1), 16) * lay.cluster  # type: ignore[union-attr]
-        targets = [0, lay.mirror, bitmap, bitmap + 1024] + [lay.record_at(n) for n in range(0, 40)]
+        targets = [0, lay.mirror, bitmap, bitmap + 1024] + [lay.record_at(n) for n in range(0, 130)]
         _TRUTH[str(img)] = (free, targets)
     return _TRUTH[str(img)]
 
