@@ -436,3 +436,74 @@ def test_snapshot_origins_and_pool_components_are_skipped(ext4_in_lv: tuple[Path
     assert got["vg2/snapshot0"] and "'snapshot'" in got["vg2/snapshot0"]
     assert got["vg2/pool"] and "'thin-pool'" in got["vg2/pool"]
     assert got["vg2/pool_tdata"]
+
+
+@pytest.mark.qemu
+def test_sparsify_reads_xfs_inside_an_lv_of_a_qcow2(
+    tmp_path: Path, lvm: Lvm, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """XFS written through the kernel into an LV's byte range (a loop device with an
+    offset, as device-mapper would present it), half its files deleted, the disk
+    converted to qcow2 and sparsified; the LV's XFS is then clean and its files intact."""
+    require_tool("mkfs.xfs", "xfs_repair", "qemu-img")
+    img = tmp_path / "pv.img"
+    with open(img, "wb") as f:
+        f.truncate(360 * MIB)
+    with loops(img) as [dev]:
+        lvm("pvcreate", "-y", dev)
+        lvm("vgcreate", "-s", "1m", "vg3", dev)
+        lvm("lvcreate", "-an", "-Zn", "-L", "8M", "-n", "boot", "vg3")
+        lvm("lvcreate", "-an", "-Zn", "-L", "330M", "-n", "root", "vg3")
+        [(offset, length)] = expected_lvs(lvm, "vg3", dev)["vg3/root"]
+    files = {f"f{i:03d}": os.urandom(int(40_000 + 9_000 * i)) for i in range(40)}
+    gone = sorted(files)[::2]
+    lv = run(["losetup", "-f", "--show", "-o", str(offset), "--sizelimit", str(length), str(img)]).strip()
+    try:
+        run(["mkfs.xfs", "-q", "-f", lv])
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        run(["mount", lv, str(mnt)])
+        try:
+            for name, data in files.items():
+                (mnt / name).write_bytes(data)
+            subprocess.run(["sync"], check=True)
+            for name in gone:
+                (mnt / name).unlink()
+        finally:
+            run(["umount", str(mnt)])
+    finally:
+        subprocess.run(["losetup", "-d", lv], capture_output=True, check=False)
+    qcow = tmp_path / "disk.qcow2"
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(img), str(qcow)])
+    before = allocated(qcow)
+    code = main(["image", "sparsify", str(qcow), "--format", "qcow2", "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    [fs] = [f for f in json.loads(out.out)["filesystems"] if f["type"] == "xfs"]
+    assert fs["skipped"] is None and fs["start"] == offset
+    deleted = sum(len(files[n]) for n in gone)
+    assert before - allocated(qcow) >= 0.9 * deleted
+    back = tmp_path / "back.raw"
+    run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(qcow), str(back)])
+    lv_image = tmp_path / "lv.raw"
+    run(
+        [
+            "dd",
+            f"if={back}",
+            f"of={lv_image}",
+            "bs=1M",
+            f"skip={offset // MIB}",
+            f"count={length // MIB}",
+            "status=none",
+        ]
+    )
+    proc = subprocess.run(
+        ["xfs_repair", "-n", "-f", str(lv_image)], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    from vmreclaim.testing.linux import loop_mounted
+
+    with loop_mounted(lv_image, tmp_path / "ro", options=["ro,norecovery"]) as (_dev, mnt):
+        for name, data in files.items():
+            if name not in gone:
+                assert (mnt / name).read_bytes() == data, f"{name} changed"
