@@ -189,7 +189,10 @@ def test_backing_file_is_never_written(tmp_path: Path, ext4_disk: GuestDisk) -> 
     overlay = tmp_path / "overlay.qcow2"
     run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(overlay)])
     before = base.read_bytes(), allocated(base), base.stat().st_mtime_ns
-    proc = cli(str(overlay), "--json")
+    # Without --format the probed overlay may follow no backing file (issue 11 item 1).
+    refused = cli(str(overlay), "--json")
+    assert refused.returncode == 4 and "--format qcow2" in refused.stderr, refused.stderr
+    proc = cli(str(overlay), "--format", "qcow2", "--json")
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     [fs] = doc["filesystems"]
