@@ -18,8 +18,8 @@ from typing import Any, Protocol
 
 from vmreclaim.core import protocol as p
 from vmreclaim.core.errors import ProtocolError
+from vmreclaim.core.lines import read_line
 from vmreclaim.core.ranges import RangeSet
-from vmreclaim.core.transports import MAX_LINE_BYTES
 
 log = logging.getLogger("vmreclaim.agent")
 
@@ -29,35 +29,6 @@ WINDOW = 32
 DRAIN_ABOVE = 1024 * 1024
 #: How long the host has to answer ``hello``.
 WELCOME_TIMEOUT = 30.0
-
-
-class LineTooLong(Exception):
-    def __init__(self, size: int) -> None:
-        super().__init__(f"host line of more than {size} bytes discarded (the limit is {MAX_LINE_BYTES})")
-
-
-async def read_line(reader: asyncio.StreamReader) -> bytes | None:
-    """One line (with its newline), ``None`` at end of stream.
-
-    A line longer than the reader's limit is consumed whole, up to and including its
-    newline, and reported as :class:`LineTooLong`: the next call starts at a real line
-    boundary instead of parsing the rest of the long line as lines of its own.
-    """
-    dropped = 0
-    while True:
-        try:
-            line = await reader.readuntil(b"\n")
-        except asyncio.IncompleteReadError as exc:
-            if dropped:
-                raise LineTooLong(dropped + len(exc.partial)) from None
-            return exc.partial or None
-        except asyncio.LimitOverrunError as exc:
-            chunk = await reader.readexactly(exc.consumed)
-            dropped += len(chunk)
-            continue
-        if dropped:
-            raise LineTooLong(dropped + len(line))
-        return line
 
 
 class AgentLink(Protocol):
@@ -193,8 +164,8 @@ class Session:
         Invalid lines are answered with ``error`` here and skipped."""
         while True:
             try:
-                line = await read_line(self.reader)
-            except LineTooLong as exc:
+                line = await read_line(self.reader, sender="host")
+            except ProtocolError as exc:
                 self.refuse(str(exc), None)
                 continue
             received = time.monotonic()
