@@ -155,7 +155,16 @@ def cmd_host(args: argparse.Namespace) -> int:
     from vmreclaim.core.config import HostConfig, load_config
     from vmreclaim.host.daemon import run_host
 
-    return run_host(load_config(args.config, HostConfig))
+    config = load_config(args.config, HostConfig)
+    if args.confirm_format:
+        from vmreclaim.host.formats import confirm_format, parse_confirmation
+
+        for text in args.confirm_format:
+            path, fmt = parse_confirmation(text)
+            old = confirm_format(config.database, path, fmt)
+            print(f"{path}: format {fmt} confirmed (was {old or 'not recorded'})")
+        return 0
+    return run_host(config)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -137,6 +137,7 @@ RO_KNOWN = (
 _EXT3_INCOMPAT = INCOMPAT_FILETYPE | INCOMPAT_RECOVER | INCOMPAT_META_BG
 _EXT3_RO = RO_SPARSE_SUPER | RO_LARGE_FILE | RO_BTREE_DIR
 
+BG_INODE_UNINIT = 0x0001
 BG_BLOCK_UNINIT = 0x0002
 #: ``bg_block_bitmap_csum_hi`` exists when descriptors are at least this long.
 _DESC_CSUM_HI_END = 0x3A
@@ -180,6 +181,8 @@ class Superblock:
     backup_bgs: tuple[int, int]
     checksum_seed: int
     checksum: int
+    free_blocks_count: int
+    free_inodes_count: int
 
     @property
     def cluster_size(self) -> int:
@@ -260,6 +263,8 @@ def _parse_superblock(raw: bytes, where: str) -> Superblock:
         backup_bgs=(u32(0x24C), u32(0x250)),
         checksum_seed=u32(0x270),
         checksum=u32(0x3FC),
+        free_blocks_count=u32(0x0C) | ((u32(0x158) << 32) if wide else 0),
+        free_inodes_count=u32(0x10),
     )
     _validate(sb, where)
     return sb
@@ -423,6 +428,7 @@ class _Layout:
         self.inode_bitmap = col(0x04, 4) | ((col(0x24, 4) << np.uint64(32)) if wide else 0)
         self.inode_table = col(0x08, 4) | ((col(0x28, 4) << np.uint64(32)) if wide else 0)
         self.free_count = col(0x0C, 2) | ((col(0x2C, 2) << np.uint64(16)) if wide else 0)
+        self.free_inodes = col(0x0E, 2) | ((col(0x2E, 2) << np.uint64(16)) if wide else 0)
         self.flags = col(0x12, 2)
         self.bitmap_csum = col(0x18, 2) | (
             (col(0x38, 2) << np.uint64(16)) if sb.desc_size >= _DESC_CSUM_HI_END else 0
@@ -573,6 +579,10 @@ class _Layout:
         ends: list[npt.NDArray[np.int64]] = []
         # Clusters that exist: the last group may be short.
         total_clusters = -(-(sb.blocks_count - sb.first_data_block) // sb.cluster_ratio)
+        metadata = self.metadata_bytes()
+        in_group = self._metadata_per_group(metadata, total_clusters)
+        # Every group, initialised or not, before any bitmap is trusted (issue 11 item 2).
+        self._check_totals(in_group, total_clusters)
         for g0 in range(0, self.groups, GROUP_BATCH):
             g1 = min(self.groups, g0 + GROUP_BATCH)
             bits = self._bitmap_batch(g0, g1, nbytes)
@@ -595,7 +605,6 @@ class _Layout:
         free_bytes = RangeSet(np.concatenate(starts) * unit + base, np.concatenate(ends) * unit + base)
         fs_bytes = sb.blocks_count * sb.block_size
         free_bytes = free_bytes.clip(ByteRange(0, fs_bytes))
-        metadata = self.metadata_bytes()
         self._check_metadata_in_use(free_bytes, metadata)
         return free_bytes.subtract(metadata)
 
@@ -645,21 +654,83 @@ class _Layout:
         return bits
 
     def _check_counts(self, g0: int, g1: int, free: npt.NDArray[np.bool_], total_clusters: int) -> None:
-        """A bitmap must not show more free clusters than its descriptor counts: if it
-        does, one of them is stale or corrupt and the bitmap cannot be trusted."""
+        """A bitmap must show exactly as many free clusters as its descriptor counts:
+        otherwise one of them is stale or corrupt and neither can be trusted."""
         cpg = self.sb.clusters_per_group
         valid = np.clip(total_clusters - np.arange(g0, g1, dtype=np.int64) * cpg, 0, cpg)
         cols = np.arange(cpg)
         counted = (free & (cols[None, :] < valid[:, None])).sum(axis=1)
         init = ~self.uninit[g0:g1]
         stored = self.free_count[g0:g1].astype(np.int64)
-        bad = np.flatnonzero(init & (counted > stored))
+        bad = np.flatnonzero(init & (counted != stored))
         if bad.size:
             g = g0 + int(bad[0])
             raise CorruptImageError(
                 f"{self.where}: block bitmap of group {g} at block {int(self.block_bitmap[g])} shows "
-                f"{int(counted[bad[0]])} free clusters but its descriptor counts {int(stored[bad[0]])}; "
-                "the bitmap may be stale or corrupt: run e2fsck -f"
+                f"{int(counted[bad[0]])} free clusters but its descriptor counts {int(stored[bad[0]])} "
+                f"({bad.size} groups disagree); the bitmap may be stale or corrupt: run e2fsck -f"
+            )
+
+    def _metadata_per_group(self, metadata: RangeSet, total_clusters: int) -> npt.NDArray[np.int64]:
+        """How many clusters of each group the layout's metadata holds."""
+        sb = self.sb
+        cpg, unit = sb.clusters_per_group, sb.cluster_size
+        base = sb.first_data_block * sb.block_size
+        lo = np.clip((metadata.starts - base) // unit, 0, total_clusters)
+        hi = np.clip(-(-(metadata.ends - base) // unit), 0, total_clusters)
+        counts = np.zeros(self.groups, dtype=np.int64)
+        keep = hi > lo
+        lo, hi = lo[keep], hi[keep]
+        same = lo // cpg == (hi - 1) // cpg
+        np.add.at(counts, lo[same] // cpg, hi[same] - lo[same])
+        for a, b in zip(lo[~same].tolist(), hi[~same].tolist(), strict=True):  # a few flex_bg tables
+            while a < b:
+                g = a // cpg
+                step = min(b, (g + 1) * cpg) - a
+                counts[g] += step
+                a += step
+        return counts
+
+    def _check_totals(self, in_group: npt.NDArray[np.int64], total_clusters: int) -> None:
+        """The cross-checks that need no bitmap, over every group: a BLOCK_UNINIT group is
+        free but for its metadata, so its descriptor must count exactly that; an
+        INODE_UNINIT group has every inode free; the superblock's totals are the sums of
+        the groups'. A disagreement means the flags cannot be believed (fsck test
+        suites' damaged images: a group flagged uninitialised that holds a directory)."""
+        sb = self.sb
+        cpg = sb.clusters_per_group
+        valid = np.clip(total_clusters - np.arange(self.groups, dtype=np.int64) * cpg, 0, cpg)
+        stored = self.free_count.astype(np.int64)
+        expected = valid - in_group
+        bad = np.flatnonzero(self.uninit & (stored != expected))
+        if bad.size:
+            g = int(bad[0])
+            raise CorruptImageError(
+                f"{self.where}: group {g} is flagged BLOCK_UNINIT, so {int(expected[g])} of its clusters "
+                f"are free after its metadata, but its descriptor counts {int(stored[g])} free "
+                f"({bad.size} groups disagree): run e2fsck -f"
+            )
+        if sb.group_desc_csum:
+            inode_uninit = (self.flags & np.uint64(BG_INODE_UNINIT)) != 0
+            free_inodes = self.free_inodes.astype(np.int64)
+            bad = np.flatnonzero(inode_uninit & (free_inodes != sb.inodes_per_group))
+            if bad.size:
+                g = int(bad[0])
+                raise CorruptImageError(
+                    f"{self.where}: group {g} is flagged INODE_UNINIT but its descriptor counts "
+                    f"{int(free_inodes[g])} free inodes of {sb.inodes_per_group}: run e2fsck -f"
+                )
+        blocks = int(stored.sum()) * sb.cluster_ratio
+        if blocks != sb.free_blocks_count:
+            raise CorruptImageError(
+                f"{self.where}: the superblock counts {sb.free_blocks_count} free blocks but the group "
+                f"descriptors add up to {blocks}: run e2fsck -f"
+            )
+        inodes = int(self.free_inodes.astype(np.int64).sum())
+        if inodes != sb.free_inodes_count:
+            raise CorruptImageError(
+                f"{self.where}: the superblock counts {sb.free_inodes_count} free inodes but the group "
+                f"descriptors add up to {inodes}: run e2fsck -f"
             )
 
     def metadata_bytes(self) -> RangeSet:

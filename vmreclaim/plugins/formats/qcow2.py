@@ -207,7 +207,13 @@ class Qcow2Image(Image):
             )
         self.metadata_ranges()  # validates that no two structures overlap
         # What `qemu-img check` counts as an error: refcounts, COPIED flags, past EOF.
-        check_consistency(self, self.file.path, self.file.size, external_data=self._data_file is not None)
+        check_consistency(
+            self,
+            self.file.path,
+            self.file.size,
+            external_data=self._data_file is not None,
+            extended_l2=self.header.extended_l2,
+        )
         if self._data_file is not None:
             self._check_data_file()
 

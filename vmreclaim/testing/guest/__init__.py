@@ -22,13 +22,13 @@ scenario and benchmark that drive a workload in such a guest live in
 ``bench/guest_scenario.py``.
 """
 
+from vmreclaim.core.punch import allocated_bytes
 from vmreclaim.testing.guest.kit import GUEST_MODULES, GuestError, GuestKit, build_kit, installed_kernel
 from vmreclaim.testing.guest.runners import (
     Guest,
     GuestResult,
     LibvirtGuest,
     QemuGuest,
-    allocated_bytes,
     make_ext4_image,
     running_guest,
     system_libvirtd,

@@ -216,11 +216,6 @@ def make_ext4_image(path: str | os.PathLike[str], size: int, fmt: str = "qcow2",
     return path
 
 
-def allocated_bytes(path: str | os.PathLike[str]) -> int:
-    """Bytes the host filesystem has allocated to a file."""
-    return os.stat(path).st_blocks * 512
-
-
 @contextlib.contextmanager
 def running_guest(spec: GuestSpec) -> Iterator[QemuGuest]:
     """A started :class:`QemuGuest`, killed on exit."""
