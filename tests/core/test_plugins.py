@@ -245,7 +245,7 @@ def test_third_party_plugin_is_listed_and_loads_like_a_builtin(plugin_venv: Path
 
     config = tmp_path / "host.yaml"
     config.write_text(
-        "hypervisor: {driver: static, vms: [{name: vm1, disks: [{id: d0, path: /x.raw}],"
+        "hypervisor: {driver: static, vms: [{name: vm1, disks: [{id: d0, path: /x.raw, format: raw}],"
         " channel: {driver: unix, path: /run/x.sock}}]}\n"
         "policy: {driver: quiet-hours, busy_from: 9, busy_until: 17}\n"
         "database: /tmp/db\nstatus_socket: /tmp/s\n"
@@ -270,3 +270,91 @@ def test_third_party_plugin_is_listed_and_loads_like_a_builtin(plugin_venv: Path
     assert done.returncode == 0, done.stderr
     (line,) = audit.read_text().splitlines()
     assert json.loads(line)["punched_bytes"] == MIB
+
+
+# -- a driver that fails to import is never skipped (issue 11 item 5) ---------------------------
+
+#: Run the CLI with one module made unimportable, as a broken install or a missing
+#: dependency would: a meta-path finder ahead of every other raises on its name.
+_BREAK_ONE_MODULE = """
+import sys
+from vmreclaim.cli import main
+
+class Broken:
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            raise ImportError("planted: {module} cannot be imported")
+        return None
+
+sys.meta_path.insert(0, Broken())
+sys.exit(main({argv!r}))
+"""
+
+
+def _plugin_modules(folder: str) -> list[str]:
+    return sorted(
+        f"vmreclaim.plugins.{folder}.{p.stem}"
+        for p in (ROOT / "vmreclaim" / "plugins" / folder).glob("*.py")
+        if p.stem != "__init__"
+    )
+
+
+def _with_broken(module: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    code = _BREAK_ONE_MODULE.format(module=module, argv=argv)
+    argv_ = [sys.executable, "-c", code]
+    return subprocess.run(argv_, capture_output=True, text=True, timeout=120, check=False)
+
+
+def _state(path: Path) -> tuple[bytes, int, int]:
+    st = path.stat()
+    return path.read_bytes(), st.st_blocks, st.st_mtime_ns
+
+
+@pytest.fixture(scope="module")
+def qcow2_and_ext(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from vmreclaim.testing import require_tool, run
+
+    require_tool("qemu-img", "qemu-io", "mkfs.ext4")
+    tmp = tmp_path_factory.mktemp("broken")
+    qcow2 = tmp / "d.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", qcow2, "4M"])
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 3 0 2M", qcow2])
+    src = tmp / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(MIB))
+    ext = make_raw_image(tmp / "e.raw", 16 * MIB, [])
+    run(["mkfs.ext4", "-q", "-F", "-d", src, ext])
+    return qcow2, ext
+
+
+@pytest.mark.parametrize("module", _plugin_modules("formats"))
+def test_a_format_driver_that_fails_to_import_refuses_every_probe(
+    module: str, qcow2_and_ext: tuple[Path, Path]
+) -> None:
+    """Without the qcow2 driver, raw (which accepts any file) would claim a qcow2 image
+    and punch its header. Every built-in format module, broken in turn: exit 2, the
+    driver and its import error named, the image unchanged."""
+    qcow2, ext = qcow2_and_ext
+    for argv, image in (
+        (["image", "reclaim", str(qcow2), "--range", "0:4194304", "--json"], qcow2),
+        (["image", "sparsify", str(ext), "--json"], ext),
+    ):
+        before = _state(image)
+        proc = _with_broken(module, argv)
+        assert proc.returncode == 2, (module, argv, proc.stdout, proc.stderr)
+        assert "formats driver" in proc.stderr and f"planted: {module}" in proc.stderr, proc.stderr
+        assert _state(image) == before
+
+
+@pytest.mark.parametrize("module", _plugin_modules("filesystems"))
+def test_a_filesystem_driver_that_fails_to_import_refuses_sparsify(
+    module: str, qcow2_and_ext: tuple[Path, Path]
+) -> None:
+    """Without the ext reader, a volume would be judged by the others (or skipped as
+    unknown): refused instead, before anything is read or punched."""
+    _, ext = qcow2_and_ext
+    before = _state(ext)
+    proc = _with_broken(module, ["image", "sparsify", str(ext), "--format", "raw", "--json"])
+    assert proc.returncode == 2, (module, proc.stdout, proc.stderr)
+    assert "filesystems driver" in proc.stderr and f"planted: {module}" in proc.stderr, proc.stderr
+    assert _state(ext) == before

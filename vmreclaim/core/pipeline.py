@@ -74,7 +74,14 @@ class Pipeline:
         fd: int | None = None,
         lease: Lease | None = None,
     ) -> ReclaimPlan:
-        """Stage 4: guest ranges → safe, block-aligned host ranges of the data file."""
+        """Stage 4: guest ranges → safe, block-aligned host ranges of the data file,
+        narrowed by every ``vmreclaim_translate_filter`` hook.
+
+        The one source of what a reclaim may touch: every mode acts on this plan and
+        never on the caller's ranges — the punch on ``plan.punch``, the deep discard,
+        a guest trim and an offline reclaim on ``plan.guest_ranges`` — so a plugin's
+        veto holds whichever way the bytes are freed.
+        """
         image.check_punchable()
         block = host_block_size(fd if fd is not None else image.data_file.fd)
         plan = plan_reclaim(image, ranges, block)
@@ -117,11 +124,12 @@ class Pipeline:
                 result = punch_holes(write_fd, plan.punch, path=str(image.data_file.path), lease=lease)
                 os.fsync(write_fd)
                 punched, freed = result.punched_bytes, result.freed_bytes
-        if deep and not dry_run:
+        if deep and not dry_run and plan.guest_ranges:
             # After our locks are gone: the driver goes through QEMU's own tools, which
-            # take QEMU's locks themselves and refuse if a VM started meanwhile.
+            # take QEMU's locks themselves and refuse if a VM started meanwhile. Only
+            # the filtered plan's guest ranges: a range a hook vetoed is never discarded.
             before = image.allocated_bytes()
-            image.deep_discard(ranges)
+            image.deep_discard(plan.guest_ranges)
             freed += before - image.allocated_bytes()
         report = ReclaimReport(
             requested_bytes=plan.requested_bytes,

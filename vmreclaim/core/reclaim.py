@@ -59,6 +59,12 @@ class ReclaimPlan:
     def punch_bytes(self) -> int:
         return self.punch.total
 
+    @property
+    def guest_ranges(self) -> RangeSet:
+        """The guest ranges whose host bytes this plan punches: what every other
+        reclaim mode (deep discard, a guest trim) may act on, and nothing more."""
+        return _guest_pieces(self.data, self.punch)
+
     def narrowed(self, keep: RangeSet, reason: str) -> ReclaimPlan:
         """The plan punching only host bytes inside ``keep``; the guest bytes that
         drop out are skipped with ``reason``."""
