@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("host", help="run the host daemon")
     p.add_argument("--config", type=Path, required=True)
+    p.add_argument(
+        "--confirm-format",
+        metavar="PATH=FORMAT",
+        action="append",
+        help="the daemon stopped: confirm that the image PATH is now FORMAT, then exit",
+    )
     p.set_defaults(func=cmd.cmd_host)
 
     p = sub.add_parser("agent", help="run the guest agent")

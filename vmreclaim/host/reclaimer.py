@@ -54,9 +54,9 @@ from vmreclaim.core.locks import hold_for_writing
 from vmreclaim.core.model import Disk
 from vmreclaim.core.pipeline import Pipeline
 from vmreclaim.core.protocol import FenceReady, FenceRefused, TrimDone, pairs_to_ranges
-from vmreclaim.core.punch import allocated_bytes
+from vmreclaim.core.punch import allocated_bytes, host_block_size
 from vmreclaim.core.ranges import ByteRange, RangeSet
-from vmreclaim.core.reclaim import ReclaimReport
+from vmreclaim.core.reclaim import ReclaimReport, only_allocated, plan_reclaim
 from vmreclaim.core.sparsify import scan_free_space
 from vmreclaim.host.attempt import DONE, EXPIRED, FAILED, POSTPONED, REFUSED, Attempt
 from vmreclaim.host.images import ImageOpener
@@ -263,6 +263,18 @@ class Reclaimer:
         jobs = await self._thread(self._block_jobs, info, disk)
         if jobs is not None:
             return Attempt("fence", POSTPONED, jobs.reason, requested_bytes=requested)
+        try:
+            ranges = await self._thread(self._holding, disk, ranges)
+        except (ImageError, OSError, VMReclaimError) as exc:
+            return Attempt("fence", FAILED, str(exc), requested_bytes=requested)
+        if not ranges:
+            # Freezing a guest to punch what is already a hole would free nothing.
+            return Attempt(
+                "fence",
+                DONE,
+                "no asked range holds storage in the image: no fence",
+                requested_bytes=requested,
+            )
         verified = RangeSet()
         async with agent.fence_lock:
             wait = self.lease_seconds - self.margin_seconds
@@ -275,6 +287,8 @@ class Reclaimer:
                     "fence", REFUSED, f"agent refused fence {fid}: {reply.error}", requested_bytes=requested
                 )
             granted = min(self.lease_seconds, reply.lease_ms / 1000)
+            # The guest filesystem is frozen from here until fence.released.
+            event(logging.DEBUG, "fence.granted", vm=info.identity.name, fence=fid, lease_seconds=granted)
             lease = Lease.starting(sent_at, granted, self.margin_seconds, what=f"fence {fid} on {disk.key}")
             agent.hold(fid, lease)
             try:
@@ -321,6 +335,22 @@ class Reclaimer:
             freed_bytes=report.freed_bytes,
             fence_seconds=frozen,
         )
+
+    def _holding(self, disk: Disk, ranges: RangeSet) -> RangeSet:
+        """The part of ``ranges`` a punch could free, read before any fence: every guest
+        byte the plan skips (unallocated, zero, already a hole, shared, ...) is dropped.
+
+        Reading the image unfenced is safe here because it only ever narrows: a byte
+        dropped now is not punched, and the fence re-reads the mapping for what is kept.
+        The agent's report of the space already free at its start is mostly such bytes.
+        """
+        with self.images.open(disk) as image:
+            asked = ranges.clip(ByteRange(0, image.virtual_size))
+            if not asked:
+                return asked
+            fd = image.data_file.fd
+            plan = only_allocated(plan_reclaim(image, asked, host_block_size(fd)), fd)
+            return asked.subtract(RangeSet.from_ranges((s.start, s.length) for s in plan.skipped))
 
     def _punch_live(
         self, info: VMInfo, disk: Disk, verified: RangeSet, lease: Lease
