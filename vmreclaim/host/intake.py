@@ -82,7 +82,7 @@ class Intake:
         if self._registry.count_rejected(vm):
             event(logging.WARNING, "record.rejected", vm=vm, kind=kind, reason=reason)
         try:
-            self._pipeline.plugins.record_rejected(vm=VMIdentity(vm), reason=reason)
+            self._pipeline.record_rejected(VMIdentity(vm), reason)
         except Exception as exc:
             bug("a vmreclaim_record_rejected hook failed", exc)
 

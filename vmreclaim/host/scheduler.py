@@ -156,7 +156,7 @@ class Scheduler:
             acc[1] += len(rec.ranges)
             acc[2] += size
             try:
-                self._pipeline.plugins.record_received(vm=VMIdentity(rt.disk.vm), record=rec)
+                self._pipeline.record_received(VMIdentity(rt.disk.vm), rec)
             except Exception as exc:  # an observer's bug must not cost an ack
                 bug("a vmreclaim_record_received hook failed", exc)
         # Counters once per disk and batch: a batch may hold thousands of records.

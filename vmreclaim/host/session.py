@@ -30,6 +30,7 @@ from typing import Any, Protocol
 from vmreclaim.core.errors import FenceError, ProtocolError
 from vmreclaim.core.hypervisors import VMInfo
 from vmreclaim.core.lease import Lease
+from vmreclaim.core.lines import read_line
 from vmreclaim.core.model import MAX_RANGES_PER_RECORD, DeletionRecord, Disk
 from vmreclaim.core.protocol import (
     PROTOCOL_VERSION,
@@ -210,29 +211,14 @@ class AgentSession:
             self.writer.write(encode(message))
 
     async def _next_line(self) -> bytes | None:
-        """The next line, or ``None`` at the end of the stream.
+        """The next line, or ``None`` at the end of the stream; an over-long line is
+        discarded and reported as a :class:`ProtocolError` (the caller answers ``error``
+        and goes on with the next line, docs/protocol.md "Framing")."""
 
-        A line longer than the channel's limit is discarded up to its newline without
-        holding it in memory, then reported as a :class:`ProtocolError` (the caller
-        answers ``error`` and goes on with the next line, docs/protocol.md "Framing").
-        """
-        try:
-            return await self.reader.readuntil(b"\n")
-        except asyncio.IncompleteReadError as exc:
-            if exc.partial:
-                guest_event(self.name, logging.WARNING, "agent.partial_line", bytes=len(exc.partial))
-            return None
-        except asyncio.LimitOverrunError as exc:
-            dropped = len(await self.reader.read(exc.consumed))
-        while True:
-            try:
-                dropped += len(await self.reader.readuntil(b"\n"))
-            except asyncio.IncompleteReadError:
-                return None
-            except asyncio.LimitOverrunError as exc:
-                dropped += len(await self.reader.read(exc.consumed))
-                continue
-            raise ProtocolError(f"line of {dropped} bytes exceeds the limit of {MAX_LINE_BYTES} bytes")
+        def partial(size: int) -> None:
+            guest_event(self.name, logging.WARNING, "agent.partial_line", bytes=size)
+
+        return await read_line(self.reader, sender=f"agent of VM {self.name}", on_partial=partial)
 
     async def _handshake(self) -> bool:
         try:
