@@ -272,6 +272,7 @@ def test_hostile_guests_cost_the_honest_ones_nothing(tmp_path: Path) -> None:
     attackers = [ctx.Process(target=everyone[n][0], args=everyone[n][1], daemon=True) for n in chosen]
     peak = 0
     try:
+        asyncio.run(honest_pair(sock["honest1"], sock["honest2"], 3.0))  # warm-up, not measured
         base = asyncio.run(honest_pair(sock["honest1"], sock["honest2"], BASELINE_SECONDS))
         idle_rss = rss(pid)
         for proc in attackers:
