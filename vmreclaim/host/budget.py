@@ -57,8 +57,8 @@ class Limits:
     byte_burst: float = 2 * MAX_LINE_BYTES
     #: Share of one core the event loop may spend on a VM's lines (parsing, validating,
     #: storing, answering), and the burst in seconds.
-    cpu_share: float = 0.1
-    cpu_burst: float = 0.25
+    cpu_share: float = 0.05
+    cpu_burst: float = 0.1
     #: Ranges of one VM received but not yet committed; each record counts
     #: ``RECORD_OVERHEAD_RANGES`` more (its objects), so many one-range records are bounded too.
     inflight_ranges_per_vm: int = 200_000
