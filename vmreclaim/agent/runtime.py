@@ -24,10 +24,10 @@ from pathlib import Path
 from vmreclaim import __version__
 from vmreclaim.agent import linux
 from vmreclaim.agent.fence import FenceKeeper, FenceState, Guardian
-from vmreclaim.agent.filesystems import WatchedFs, verify
 from vmreclaim.agent.logs import HoldingHandler
 from vmreclaim.agent.session import Session
 from vmreclaim.agent.spool import Spool
+from vmreclaim.agent.watched import WatchedFs, verify
 from vmreclaim.agent.watcher import FsWatcher
 from vmreclaim.core import protocol as p
 from vmreclaim.core.captures import Capture

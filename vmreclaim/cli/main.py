@@ -20,10 +20,8 @@ from vmreclaim.cli import commands as cmd
 from vmreclaim.cli import output
 from vmreclaim.cli.ranges import non_negative
 from vmreclaim.core.commands import COMMAND_DEST, CommandOutput
+from vmreclaim.core.driver import AUTO
 from vmreclaim.core.errors import VMReclaimError
-
-#: ``--format`` default and ``format:`` value: probe the installed format drivers.
-AUTO = "auto"
 
 Command = Callable[[argparse.Namespace], int]
 

@@ -23,7 +23,7 @@ from vmreclaim.core.plugins import Plugins
 from vmreclaim.core.policies import Decision, DiskState, Policy, StorageState
 from vmreclaim.core.punch import host_block_size, punch_holes
 from vmreclaim.core.ranges import RangeSet
-from vmreclaim.core.reclaim import ReclaimPlan, ReclaimReport, plan_reclaim
+from vmreclaim.core.reclaim import ReclaimPlan, ReclaimReport, only_allocated, plan_reclaim
 
 
 class Pipeline:
@@ -115,7 +115,9 @@ class Pipeline:
             nullcontext(fd) if fd is not None else hold_for_writing(image.data_file.path)
         )
         with holder as write_fd:
-            plan = self.translate(disk, image, ranges, write_fd, lease)
+            # Only bytes the file holds are punched and counted: a dry run then reports
+            # what a real run frees, and ranges punched before do not count twice.
+            plan = only_allocated(self.translate(disk, image, ranges, write_fd, lease), write_fd)
             if dry_run:
                 punched, freed = plan.punch_bytes, 0
             else:

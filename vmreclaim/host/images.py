@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from vmreclaim.core.driver import AUTO
 from vmreclaim.core.formats import Image
-from vmreclaim.core.image import AUTO, open_image
+from vmreclaim.core.image import open_image
 from vmreclaim.core.model import Disk
 from vmreclaim.host.formats import FormatLedger
 from vmreclaim.host.logs import event
