@@ -307,7 +307,8 @@ def test_hostile_guests_cost_the_honest_ones_nothing(tmp_path: Path) -> None:
     bound = memory_bound(len(vms))
     rejected = {v["name"]: v["rejected_records"] for v in status["vms"]}
     report = (
-        f"baseline (mean of before and after) {[round(r) for r, _ in base]} records/s, under attack {[round(r) for r, _ in attacked]}; "
+        f"baseline (mean of before and after) {[round(r) for r, _ in base]} records/s, "
+        f"under attack {[round(r) for r, _ in attacked]}; "
         f"daemon RSS {idle_rss / MiB:.0f} MiB idle, {peak / MiB:.0f} MiB peak (bound {bound / MiB:.0f} MiB); "
         f"rejected {rejected}"
     )
