@@ -1,12 +1,20 @@
-"""Opening images: pick the format driver (by name or by probing) and parse the file."""
+"""Opening images: pick the format driver (by name or by probing) and parse the file.
+
+An image may also be a *name* that no file holds, as QEMU's protocol prefixes are:
+``rbd:pool/image`` is opened by the installed format driver ``rbd`` when that driver
+has the ``named_images`` capability. A prefix is read only before the first ``/`` (a
+path such as ``./rbd:x`` or ``/srv/rbd:x`` is always a file), and a prefix that names
+no such driver leaves the argument a path.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from vmreclaim.core import loader
-from vmreclaim.core.errors import CorruptImageError, UnsupportedImageError
+from vmreclaim.core.errors import CorruptImageError, DriverError, UnsupportedImageError, UsageError
 from vmreclaim.core.formats import Image, ImageFile, ImageFormat
 
 #: ``format: auto`` in configs and the CLI's default: probe every installed driver.
@@ -24,8 +32,35 @@ def detect_format(file: ImageFile) -> str:
     return best[0]
 
 
+_SCHEME = re.compile(r"([a-z][a-z0-9_-]*):")
+
+
+def named_format(name: str | os.PathLike[str]) -> ImageFormat | None:
+    """The driver that opens ``name`` by name (``rbd:pool/image``), or ``None`` (a file)."""
+    match = _SCHEME.match(os.fspath(name))
+    if match is None or match.group(1) not in loader.names("formats"):
+        return None
+    try:
+        driver = loader.load_driver("formats", match.group(1), ImageFormat)
+    except DriverError:
+        return None
+    return driver if driver.capabilities.named_images else None
+
+
 def open_image(path: str | os.PathLike[str], format: str = AUTO) -> Image:
-    """Open ``path`` read-only as ``format`` (``auto``: probe), backing chain included."""
+    """Open ``path`` read-only as ``format`` (``auto``: probe), backing chain included.
+
+    A name with a named-image driver's prefix (``rbd:...``) is opened by that driver.
+    """
+    driver = named_format(path)
+    if driver is not None:
+        name = os.fspath(path)
+        wanted = name.split(":", 1)[0]
+        if format not in (AUTO, wanted):
+            raise UsageError(f"{name}: a {wanted} image cannot be opened as format {format!r}")
+        image = driver.open_named(name)
+        image.capabilities = driver.capabilities
+        return image
     return _open(Path(path), format, chain=())
 
 

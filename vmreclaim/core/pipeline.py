@@ -9,17 +9,14 @@ punch holds QEMU's write locks so a busy image is refused (exit 3) before any wr
 
 from __future__ import annotations
 
-import os
 from contextlib import AbstractContextManager, nullcontext
 
 from vmreclaim.core.errors import UnsupportedImageError
 from vmreclaim.core.formats import Image
 from vmreclaim.core.lease import Lease
-from vmreclaim.core.locks import hold_for_writing
 from vmreclaim.core.model import Disk
 from vmreclaim.core.plugins import Plugins
 from vmreclaim.core.policies import Decision, DiskState, Policy, StorageState
-from vmreclaim.core.punch import host_block_size
 from vmreclaim.core.ranges import RangeSet
 from vmreclaim.core.reclaim import ReclaimPlan, ReclaimReport, plan_reclaim
 
@@ -59,7 +56,7 @@ class Pipeline:
     def translate(self, disk: Disk, image: Image, ranges: RangeSet, fd: int | None = None) -> ReclaimPlan:
         """Stage 4: guest ranges → safe, block-aligned host ranges of the data file."""
         image.check_punchable()
-        block = host_block_size(fd if fd is not None else image.data_file.fd)
+        block = image.data_file.punch_block_size(fd if fd is not None else image.data_file.fd)
         plan = plan_reclaim(image, ranges, block)
         return self.plugins.translate_filter(disk=disk, image=image, plan=plan)
 
@@ -88,7 +85,7 @@ class Pipeline:
             raise UnsupportedImageError(f"{image.file.path}: {reason}")
         mode = "deep" if deep else "punch"
         holder: AbstractContextManager[int] = (
-            nullcontext(fd) if fd is not None else hold_for_writing(image.data_file.path)
+            nullcontext(fd) if fd is not None else image.data_file.hold_for_writing()
         )
         with holder as write_fd:
             plan = self.translate(disk, image, ranges, write_fd)
@@ -99,7 +96,7 @@ class Pipeline:
                 if lease is not None:
                     lease.check()  # translating may have used up the lease
                 result = self.plugins.reclaim_punch(disk=disk, image=image, fd=write_fd, plan=plan)
-                os.fsync(write_fd)
+                image.data_file.sync(write_fd)
                 punched, freed = result.punched_bytes, result.freed_bytes
         if deep and not dry_run:
             # After our locks are gone: the driver goes through QEMU's own tools, which

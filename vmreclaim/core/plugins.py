@@ -18,7 +18,7 @@ from vmreclaim.core.formats import Image
 from vmreclaim.core.hookspecs import HOOKS_GROUP, PROJECT, hookimpl
 from vmreclaim.core.model import DeletionRecord, Disk, VMIdentity
 from vmreclaim.core.policies import Decision
-from vmreclaim.core.punch import PunchResult, punch_holes
+from vmreclaim.core.punch import PunchResult
 from vmreclaim.core.ranges import RangeSet
 from vmreclaim.core.reclaim import ReclaimPlan, ReclaimReport
 
@@ -28,7 +28,7 @@ class _CorePunch:
 
     @hookimpl(trylast=True)
     def vmreclaim_reclaim_punch(self, image: Image, fd: int, plan: ReclaimPlan) -> PunchResult:
-        return punch_holes(fd, plan.punch, path=str(image.data_file.path), lease=plan.lease)
+        return image.data_file.punch(fd, plan.punch, plan.lease)
 
 
 class Plugins:
