@@ -16,6 +16,7 @@ from pathlib import Path
 from vmreclaim.core import loader
 from vmreclaim.core.errors import CorruptImageError, DriverError, UnsupportedImageError, UsageError
 from vmreclaim.core.formats import Image, ImageFile, ImageFormat
+from vmreclaim.core.policies import StorageState
 
 #: ``format: auto`` in configs and the CLI's default: probe every installed driver.
 AUTO = "auto"
@@ -84,3 +85,17 @@ def _open(path: Path, format: str, chain: tuple[Path, ...]) -> Image:
     except BaseException:
         file.close()
         raise
+
+
+def storage_state(path: str | os.PathLike[str]) -> StorageState:
+    """What the policy weighs for the storage that holds image ``path``.
+
+    A named image whose driver reports its storage's usage (capability
+    ``storage_usage``: an RBD pool shared by many hosts) gives that; a file gives the
+    host filesystem's ``statvfs``.
+    """
+    driver = named_format(path)
+    if driver is not None and driver.capabilities.storage_usage:
+        used, total = driver.storage_usage(os.fspath(path))
+        return StorageState(total_bytes=total, free_bytes=max(0, total - used))
+    return StorageState.of(path)

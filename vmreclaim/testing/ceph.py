@@ -158,6 +158,9 @@ auth allow insecure global id reclaim = false
 paxos propose interval = 0.1
 ms bind ipv6 = false
 mon data avail warn = 1
+# usage statistics (ceph df, the policy's input) within a second or two, not five
+osd mon report interval = 1
+mgr stats period = 1
 [client]
 keyring = {root}/client.admin.keyring
 [mon]

@@ -291,20 +291,23 @@ class RbdFile(ImageFile):
         if self.name.snap is not None:
             raise UnsupportedImageError(f"{self.path}: a snapshot is read-only; name the image itself")
         rados, rbd = _bindings()
-        reason = self.busy_reason()
-        if reason is not None:
-            raise ImageBusyError(f"{self.path}: image is busy: {reason}; stop it first")
+        own = self.connection.cluster.get_instance_id()
         with ceph_errors(f"{self.path}: opening for writing"):
             writer = rbd.Image(self.connection.ioctx, self.name.image)
         try:
+            # Look before taking anything: asking for a lock a running QEMU holds would
+            # make QEMU hand it over (librbd's cooperative lock transition).
+            reason = _busy_reason(writer, own)
+            if reason is not None:
+                raise ImageBusyError(f"{self.path}: image is busy: {reason}; stop it first")
             exclusive = bool(writer.features() & rbd.RBD_FEATURE_EXCLUSIVE_LOCK)
             if exclusive:
                 # Managed mode: librbd will not hand the lock to another client that
                 # asks (a QEMU starting now fails to write instead of taking it).
                 with ceph_errors(f"{self.path}: taking the exclusive lock"):
                     writer.lock_acquire(rbd.RBD_LOCK_MODE_EXCLUSIVE)
-            # Set first, test second: a client that appeared before our lock is seen now.
-            reason = _busy_reason(writer, self.connection.cluster.get_instance_id(), lock_is_ours=exclusive)
+            # Set first, test again: a client that appeared before our lock is seen now.
+            reason = _busy_reason(writer, own, lock_is_ours=exclusive)
             if reason is not None:
                 raise ImageBusyError(f"{self.path}: image is busy: {reason}; stop it first")
             self._writer = writer
@@ -363,7 +366,10 @@ def _busy_reason(image: Any, own: int, *, lock_is_ours: bool = False) -> str | N
         watchers = [w for w in image.watchers_list() if int(w["id"]) != own]
         owners: list[Any] = []
         if not lock_is_ours and image.features() & rbd.RBD_FEATURE_EXCLUSIVE_LOCK:
-            owners = list(image.lock_get_owners())
+            try:
+                owners = list(image.lock_get_owners())
+            except rbd.InvalidArgument:
+                owners = []  # a read-only handle cannot ask (dry runs); watchers still tell
         lockers = image.list_lockers()
     if watchers:
         addrs = ", ".join(str(w["addr"]) for w in watchers)
