@@ -99,3 +99,12 @@ def storage_state(path: str | os.PathLike[str]) -> StorageState:
         used, total = driver.storage_usage(os.fspath(path))
         return StorageState(total_bytes=total, free_bytes=max(0, total - used))
     return StorageState.of(path)
+
+
+def image_size(path: str | os.PathLike[str]) -> int:
+    """The size the policy compares deletions with: a named image's virtual size (its
+    driver asked), a file's ``st_size``. ``OSError`` or an error of the tree if unreadable."""
+    if named_format(path) is not None:
+        with open_image(path) as image:
+            return image.virtual_size
+    return os.stat(path).st_size
