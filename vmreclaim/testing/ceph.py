@@ -98,6 +98,15 @@ class CephCluster:
                         out[name] = int(line.split()[1]) * 1024
         return out
 
+    def cpu_seconds(self) -> float:
+        """User plus system CPU seconds the daemons have used so far (``/proc/PID/stat``)."""
+        total = 0
+        for proc in self.processes:
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
+
     def _run(self, argv: list[str], input: bytes | None, timeout: float) -> str:
         done = subprocess.run(argv, input=input, capture_output=True, timeout=timeout)
         if done.returncode != 0:
@@ -317,6 +326,8 @@ class RbdGuestRun:
     guest_status: int | None
     fsck_clean: bool
     sparsify_seconds: float | None = None
+    #: CPU seconds the cluster's daemons spent during the whole run (guest and reclaim).
+    cluster_cpu_seconds: float = 0.0
 
     @property
     def freed_bytes(self) -> int:
@@ -361,6 +372,7 @@ def rbd_guest_scenario(
     if mode not in ("fstrim", "sparsify"):
         raise ValueError(f"mode {mode!r} is not fstrim or sparsify")
     workdir.mkdir(parents=True, exist_ok=True)
+    cpu_before = cluster.cpu_seconds()
     name = f"guest-{mode}-{uuid.uuid4().hex[:6]}"
     local = make_ext4_image(workdir / "fs.raw", disk_mib << 20, "raw")
     cluster.rbd("create", "--size", f"{disk_mib}M", "--object-size", object_size, f"{cluster.pool}/{name}")
@@ -413,7 +425,7 @@ exit $rc
         export.unlink()
         return RbdGuestRun(
             mode, int(deleted["bytes"]), before, after, latency, checker, status, fsck.returncode == 0,
-            sparsify_seconds,
+            sparsify_seconds, cluster.cpu_seconds() - cpu_before,
         )
     finally:
         subprocess.run(["rbd", "--conf", str(cluster.conf), "rm", f"{cluster.pool}/{name}"],
