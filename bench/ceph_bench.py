@@ -24,7 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from vmreclaim.testing.ceph import rbd_guest_scenario, start_cluster
+from ceph_scenario import rbd_guest_scenario
+
+from vmreclaim.testing.ceph import start_cluster
 from vmreclaim.testing.guest import build_kit
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.ceph_scenario import rbd_guest_scenario
 from tests.guest.conftest import guest_kit  # noqa: F401 - the fixture, shared with tests/guest
-from vmreclaim.testing.ceph import CephCluster, rbd_guest_scenario
+from vmreclaim.testing.ceph import CephCluster
 from vmreclaim.testing.guest import GuestKit
 
 pytestmark = [pytest.mark.guest, pytest.mark.slow, pytest.mark.qemu]

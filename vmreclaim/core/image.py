@@ -25,12 +25,11 @@ import re
 from pathlib import Path
 
 from vmreclaim.core import loader
+from vmreclaim.core.driver import AUTO
 from vmreclaim.core.errors import CorruptImageError, DriverError, UnsupportedImageError, UsageError
 from vmreclaim.core.formats import Image, ImageFile, ImageFormat
 from vmreclaim.core.policies import StorageState
 
-#: ``format: auto`` / no ``--format``: probe every installed driver (reading only).
-AUTO = "auto"
 #: A backing chain deeper than this is treated as a loop (QEMU's limit is similar).
 MAX_BACKING_DEPTH = 64
 

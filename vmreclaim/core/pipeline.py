@@ -20,7 +20,7 @@ from vmreclaim.core.model import DeletionRecord, Disk, VMIdentity
 from vmreclaim.core.plugins import Plugins
 from vmreclaim.core.policies import Decision, DiskState, Policy, StorageState
 from vmreclaim.core.ranges import RangeSet
-from vmreclaim.core.reclaim import ReclaimPlan, ReclaimReport, plan_reclaim
+from vmreclaim.core.reclaim import ReclaimPlan, ReclaimReport, only_allocated, plan_reclaim
 
 
 class Pipeline:
@@ -112,7 +112,9 @@ class Pipeline:
             nullcontext(fd) if fd is not None else image.data_file.hold_for_writing()
         )
         with holder as write_fd:
-            plan = self.translate(disk, image, ranges, write_fd, lease)
+            # Only bytes the file holds are punched and counted: a dry run then reports
+            # what a real run frees, and ranges punched before do not count twice.
+            plan = only_allocated(self.translate(disk, image, ranges, write_fd, lease), write_fd)
             if dry_run:
                 punched, freed = plan.punch_bytes, 0
             else:
