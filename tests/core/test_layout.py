@@ -20,7 +20,7 @@ MAX_LINES = 600
 #: Modules still over the ceiling on this branch, each with the work that splits it (both
 #: are being split on the image-safety branch); any other module over it fails the test.
 OVER_THE_CEILING: dict[str, str] = {
-    "plugins/formats/qcow2.py": "qcow2 driver: package header/tables/refcounts/deep (after imgsafe)",
+    "plugins/formats/qcow2/image.py": "qcow2 image: split into tables/refcounts/driver (next commit)",
 }
 
 

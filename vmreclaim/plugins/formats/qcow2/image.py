@@ -50,11 +50,11 @@ from vmreclaim.core.formats import (
     first_overlap,
 )
 from vmreclaim.core.ranges import ByteRange, RangeSet
-from vmreclaim.plugins.formats import _qcow2_header as hdr
-from vmreclaim.plugins.formats._qcow2_check import check_consistency
-from vmreclaim.plugins.formats._qcow2_compress import decompress
-from vmreclaim.plugins.formats._qcow2_deep import discard_clusters
-from vmreclaim.plugins.formats._qcow2_header import Header
+from vmreclaim.plugins.formats.qcow2 import header as hdr
+from vmreclaim.plugins.formats.qcow2.check import check_consistency
+from vmreclaim.plugins.formats.qcow2.compress import decompress
+from vmreclaim.plugins.formats.qcow2.deep import discard_clusters
+from vmreclaim.plugins.formats.qcow2.header import Header
 
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
@@ -295,7 +295,7 @@ class Qcow2Image(Image):
 
     def deep_discard(self, guest_ranges: RangeSet) -> None:
         """Discard every whole cluster inside ``guest_ranges`` through ``qemu-io``
-        (:func:`._qcow2_deep.discard_clusters`), then read the tables again."""
+        (:func:`.deep.discard_clusters`), then read the tables again."""
         reason = self.deep_reclaim_refusal()
         if reason is not None:
             raise UnsupportedImageError(f"{self.file.path}: {reason}")
