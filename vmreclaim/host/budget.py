@@ -134,11 +134,13 @@ class VMBudget:
     bytes: TokenBucket = field(init=False)
     cpu: TokenBucket = field(init=False)
     _room: asyncio.Event | None = field(default=None, init=False)
+    _wake: asyncio.Event = field(init=False)
 
     def __post_init__(self) -> None:
         self.lines = TokenBucket(self.limits.lines_per_second, self.limits.line_burst)
         self.bytes = TokenBucket(self.limits.bytes_per_second, self.limits.byte_burst)
         self.cpu = TokenBucket(self.limits.cpu_share, self.limits.cpu_burst)
+        self._wake = asyncio.Event()
 
     # -- connections -------------------------------------------------------------------
 
@@ -162,7 +164,14 @@ class VMBudget:
         """A line of ``nbytes`` was read: wait as long as the VM is over its rates."""
         wait = max(self.lines.delay(1), self.bytes.delay(nbytes), self.cpu.delay(0))
         if wait > 0:
-            await asyncio.sleep(wait)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+
+    def interrupt(self) -> None:
+        """The host asked the VM's agent something (a fence, a trim): read its answer
+        now, whatever the VM owes (a lease counts from the request)."""
+        self._wake.set()
 
     def charge(self, seconds: float) -> None:
         """The event loop spent ``seconds`` on one of the VM's lines: paid before its next."""

@@ -300,7 +300,8 @@ class AgentSession:
     async def _serve(self) -> None:
         while not self.closed:
             await self.host.room()
-            await self.budget.room()
+            if not self._waiting:  # an answer the host is waiting for is never held back
+                await self.budget.room()
             try:
                 line = await self._next_line()
             except ProtocolError as exc:
@@ -310,7 +311,10 @@ class AgentSession:
             if line is None:
                 return
             # Past its rates the VM waits here, unread: its own socket fills, nobody else's.
-            await self.budget.pace(len(line))
+            # Not while the host waits for this agent's answer to a fence or trim: a
+            # lease counts from the request, and the VM's own agent is what it waits for.
+            if not self._waiting:
+                await self.budget.pace(len(line))
             started = time.perf_counter()
             try:
                 message = decode_from_agent(line)
@@ -442,6 +446,7 @@ class AgentSession:
             raise FenceError(f"agent of VM {self.name} is not connected")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[fid] = _Pending(kind, future, time.monotonic())
+        self.budget.interrupt()  # a session paced for its VM's rates reads the answer now
         try:
             self.send(message)
             await asyncio.wait_for(self.writer.drain(), timeout)
