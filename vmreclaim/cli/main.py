@@ -1,19 +1,23 @@
 """The parser and the error boundary of ``vmreclaim``: usage errors and exit codes.
 
 Errors go to stderr as one line; the exit code comes from the error's class
-(:mod:`vmreclaim.core.errors`): 2 bad usage or configuration, 3 image busy, 4 image
-unsupported or corrupt, 1 anything unexpected (a traceback only with ``--debug``).
+(:mod:`vmreclaim.core.errors`): 2 bad usage or configuration, a missing optional extra
+or an absent daemon, 3 image busy, 4 image unsupported or corrupt, 1 anything unexpected
+(a traceback only with ``--debug``). With ``--json`` anywhere on the command line an
+error is one JSON document on stderr instead: ``{"error": "...", "exit": N}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from vmreclaim import __version__
 from vmreclaim.cli import commands as cmd
@@ -25,9 +29,44 @@ from vmreclaim.core.errors import VMReclaimError
 
 Command = Callable[[argparse.Namespace], int]
 
+#: Optional modules and the extra that installs each (``pip install 'vmreclaim[EXTRA]'``).
+EXTRAS = {"libvirt": "kvm", "libvirt_qemu": "kvm", "XenAPI": "xen"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors honour ``--json`` (subparsers inherit the class)."""
+
+    json_errors = False
+
+    def error(self, message: str) -> NoReturn:
+        if self.json_errors:
+            report_error(f"{self.prog}: {message}", 2, as_json=True)
+            sys.exit(2)
+        super().error(message)
+
+
+def report_error(message: str, code: int, *, as_json: bool) -> None:
+    """One error on stderr: a line for people, or ``{"error", "exit"}`` with ``--json``."""
+    if as_json:
+        json.dump({"error": message, "exit": code}, sys.stderr)
+        sys.stderr.write("\n")
+    else:
+        print(f"vmreclaim: error: {message}", file=sys.stderr)
+
+
+def missing_extra(exc: ImportError) -> str:
+    """What is missing and how to install it, from an ImportError of an optional module."""
+    message = str(exc)
+    if "pip install" in message:
+        return message
+    top = (exc.name or "").split(".")[0]
+    extra = EXTRAS.get(top)
+    hint = f"pip install 'vmreclaim[{extra}]'" if extra else f"install the Python module {top or '?'}"
+    return f"missing optional dependency {top or message}: {hint}"
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = Parser(
         prog="vmreclaim",
         description="Give back to the host the space that files deleted inside VMs hold in their images.",
     )
@@ -127,14 +166,25 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Decided before parsing so that argparse's own usage errors honour it too.
+    as_json = "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
+    Parser.json_errors = as_json
     parser = build_parser()
     args = parser.parse_args(argv)
     started = time.monotonic()
     try:
         return _run(args)
     except VMReclaimError as exc:
-        print(f"vmreclaim: error: {exc}", file=sys.stderr)
+        report_error(str(exc), exc.exit_code, as_json=as_json)
         return exc.exit_code
+    except ImportError as exc:
+        # An optional extra (libvirt-python, XenAPI) that a command needs is not
+        # installed: the host's setup, not a bug.
+        if args.debug:
+            raise
+        report_error(missing_extra(exc), 2, as_json=as_json)
+        return 2
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -147,11 +197,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         elapsed = time.monotonic() - started
-        print(
-            f"vmreclaim: unexpected error after {elapsed:.1f}s: {type(exc).__name__}: {exc}\n"
-            "this is a bug; run again with --debug for the traceback",
-            file=sys.stderr,
-        )
+        what = f"unexpected error after {elapsed:.1f}s: {type(exc).__name__}: {exc}"
+        if as_json:
+            report_error(what, 1, as_json=True)
+        else:
+            hint = "this is a bug; run again with --debug for the traceback"
+            print(f"vmreclaim: {what}\n{hint}", file=sys.stderr)
         return 1
 
 
