@@ -81,10 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="configuration files").add_subparsers(
         dest="config_command", metavar="SUBCOMMAND", required=True
     )
-    p = config.add_parser("check", help="validate a host or agent configuration file")
-    p.add_argument("file", type=Path)
+    p = config.add_parser(
+        "check",
+        help="validate a host or agent configuration file",
+        description="Validate keys, driver names, format names and driver options (errors: exit 2, "
+        "one FILE:LINE: key: problem per line); a disk image that does not exist is a warning "
+        "(exit 0), since its VM may be created or migrated here later.",
+    )
+    p.add_argument("file", type=Path, help="the YAML configuration file")
     p.add_argument("--kind", choices=("agent", "host"), help="default: from the file's keys")
-    p.add_argument("--quiet", "-q", action="store_true")
+    p.add_argument("--quiet", "-q", action="store_true", help="print nothing when the file is valid")
+    p.add_argument("--json", action="store_true", help='print {"file", "kind", "valid", "warnings"} as JSON')
     p.set_defaults(func=cmd.cmd_config_check)
 
     image = sub.add_parser("image", help="offline operations on image files").add_subparsers(
