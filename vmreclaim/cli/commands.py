@@ -155,7 +155,12 @@ def cmd_image_reclaim(args: argparse.Namespace) -> int:
         disk = Disk(vm="", id=Path(args.image).name, path=Path(args.image), format=image.format_name)
         report = Pipeline().reclaim(disk, image, ranges, dry_run=args.dry_run, deep=args.deep)
     if args.json:
-        output.emit_json(report.to_json())
+        doc = report.to_json()
+        if report.dry_run:
+            # DESIGN.md section 8 fixes "punched_bytes"; in a dry run nothing was punched,
+            # so say beside it what the number is: bytes a real run would punch.
+            doc["would_punch_bytes"] = doc["punched_bytes"]
+        output.emit_json(doc)
         return 0
     verb = "would punch" if report.dry_run else "punched"
     size = output.size

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("plugins", help="list installed drivers per kind, with their package")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the drivers and hook plugins as JSON")
     p.set_defaults(func=cmd.cmd_plugins)
 
     config = sub.add_parser("config", help="configuration files").add_subparsers(
@@ -100,31 +100,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     def image_parser(name: str, help: str, func: Command) -> argparse.ArgumentParser:
         p = image.add_parser(name, help=help)
-        p.add_argument("image", type=Path)
+        p.add_argument("image", type=Path, help="the image file")
         p.add_argument("--format", default=AUTO, help="format driver name (default: auto-detect)")
-        p.add_argument("--json", action="store_true")
+        p.add_argument("--json", action="store_true", help="print the result as one JSON document")
         p.set_defaults(func=func)
         return p
 
     image_parser("info", "format, sizes and backing chain", cmd.cmd_image_info)
     p = image_parser("map", "where each guest byte lives in the image file", cmd.cmd_image_map)
-    p.add_argument("--start", type=non_negative, default=0)
-    p.add_argument("--length", type=non_negative, default=None)
+    p.add_argument(
+        "--start", type=non_negative, default=0, help="first guest byte of the window (default: 0)"
+    )
+    p.add_argument(
+        "--length", type=non_negative, default=None, help="bytes in the window (default: to the end)"
+    )
     p = image_parser("reclaim", "punch guest byte ranges known to be free (offline)", cmd.cmd_image_reclaim)
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--range", action="append", metavar="START:LENGTH", default=[])
-    group.add_argument("--ranges-file", type=Path, metavar="F")
-    p.add_argument("--dry-run", action="store_true")
+    group.add_argument(
+        "--range",
+        action="append",
+        metavar="START:LENGTH",
+        default=[],
+        help="guest bytes to punch; repeatable; integers in bytes, decimal or 0x hex",
+    )
+    group.add_argument(
+        "--ranges-file",
+        type=Path,
+        metavar="F",
+        help="read the ranges from F ('-': stdin): either a JSON array [[START, LENGTH], ...], "
+        "or one range per line as START:LENGTH or START LENGTH (decimal or 0x hex bytes); "
+        "blank lines and text after '#' are ignored",
+    )
+    p.add_argument("--dry-run", action="store_true", help="plan and report, change nothing")
     p.add_argument(
         "--deep", action="store_true", help="also release clusters in the image's metadata (qcow2, offline)"
     )
     p = image_parser(
         "sparsify", "punch every free block of the guest filesystems (offline)", cmd.cmd_image_sparsify
     )
-    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="read and report, change nothing")
 
     p = sub.add_parser("host", help="run the host daemon")
-    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--config", type=Path, required=True, help="the host configuration file")
     p.add_argument(
         "--confirm-format",
         metavar="PATH=FORMAT",
@@ -134,13 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd.cmd_host)
 
     p = sub.add_parser("agent", help="run the guest agent")
-    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--config", type=Path, required=True, help="the agent configuration file")
     p.set_defaults(func=cmd.cmd_agent)
 
     _plugin_commands(sub)
 
     p = sub.add_parser("status", help="ask the running host daemon what it has reclaimed")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the daemon's status document as JSON")
     p.add_argument("--config", type=Path, default=None, help="host config (for its status_socket)")
     p.set_defaults(func=cmd.cmd_status)
     return parser
