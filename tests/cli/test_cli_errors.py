@@ -153,3 +153,14 @@ def test_status_table_is_not_truncated_when_piped(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert name in r.stdout  # whole, on one line
     assert "vda[0]" in r.stdout  # data, not rich markup
+
+
+def test_a_xen_host_config_without_xenapi_is_exit_2_naming_the_extra(tmp_path: Path, no_extras: Path) -> None:
+    cfg = tmp_path / "host.yaml"
+    cfg.write_text(
+        f"hypervisor: {{driver: xen}}\ndatabase: {tmp_path}/db.sqlite\nstatus_socket: {tmp_path}/s.sock\n"
+    )
+    for args in (("config", "check", str(cfg)), ("host", "--config", str(cfg))):
+        r = vmreclaim(*args, shim=no_extras)
+        assert r.returncode == 2, r.stderr
+        assert "pip install 'vmreclaim[xen]'" in r.stderr
