@@ -31,6 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeAlias
 
+from vmreclaim.core.errors import CorruptImageError
+
 SECTOR = 512
 
 _INITIAL_CRC = 0xF597A6CF
@@ -48,8 +50,9 @@ def lvm_crc(data: bytes, initial: int = _INITIAL_CRC) -> int:
     return zlib.crc32(data, initial ^ 0xFFFFFFFF) ^ 0xFFFFFFFF
 
 
-class MetadataError(Exception):
-    """The PV's label or metadata cannot be trusted; the PV is skipped with this reason."""
+class MetadataError(CorruptImageError):
+    """The PV's label or metadata cannot be trusted; the PV is skipped with this reason
+    (a corrupt-image error, exit 4, wherever it is not caught as a skip)."""
 
 
 #: ``read(offset, length, what)``: bytes of the physical volume (``Volume.read``).

@@ -146,7 +146,7 @@ def plan_reclaim(image: Image, ranges: RangeSet, block_size: int) -> ReclaimPlan
             f"(host {int(host.ends[-1]):#x} > size {file_size:#x})"
         )
 
-    punch = host.align_inward(block_size)
+    punch = image.data_file.punchable(host, block_size)
     punched_guest = _guest_pieces(data, punch)
     skipped = _skips(extents.select(*[k for k in ExtentKind if k is not ExtentKind.DATA]))
     lost = data.guest_ranges().subtract(punched_guest)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from vmreclaim.core.errors import CorruptImageError, UnsupportedImageError
 from vmreclaim.core.formats import ImageFile
-from vmreclaim.plugins.formats._qcow2_header import Header
+from vmreclaim.plugins.formats.qcow2.header import Header
 
 
 def decompress(file: ImageFile, header: Header, entry: int, cluster: int) -> bytes:
