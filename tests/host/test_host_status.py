@@ -96,7 +96,7 @@ def test_status_json_text_and_metrics(tmp_path: Path, host_daemon: Callable[...,
 
 def test_status_without_a_daemon_says_where_it_looked(tmp_path: Path) -> None:
     out = cli("status", "--json", env={"VMRECLAIM_STATUS_SOCKET": str(tmp_path / "none.sock")})
-    assert out.returncode == 1
+    assert out.returncode == 2  # DESIGN.md §8: no daemon is exit 2, socket named
     assert f"no host daemon status socket at {tmp_path / 'none.sock'}" in out.stderr
     assert out.stdout == ""
 
