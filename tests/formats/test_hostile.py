@@ -117,7 +117,7 @@ def test_two_guest_clusters_on_one_host_cluster_are_never_punched(qcow2: Path, c
     """A hostile L2 table names the same host cluster twice with COPIED set and the
     refcount left at 1: only the census of references catches it."""
     with open_image(qcow2) as image:
-        l2 = int(image._l1[0]) & 0x00FFFFFFFFFFFE00  # type: ignore[attr-defined]
+        l2 = int(image.l1_tables()[0][1][0]) & 0x00FFFFFFFFFFFE00  # type: ignore[attr-defined]
     with open(qcow2, "r+b") as f:
         f.seek(l2)
         first = f.read(8)

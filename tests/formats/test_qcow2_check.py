@@ -72,9 +72,9 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Layout:
     assert qemu_errors(img) == 0
     with open_image(img, "qcow2") as image:
         h = image.header  # type: ignore[attr-defined]
-        l1 = image._l1  # type: ignore[attr-defined]
+        l1 = image.l1_tables()[0][1]  # type: ignore[attr-defined]
         l2 = sorted({int(e) & 0x00FFFFFFFFFFFE00 for e in l1 if int(e)})
-        reft = image._reftable  # type: ignore[attr-defined]
+        reft = image._refcounts.table  # type: ignore[attr-defined]
         blocks = [int(e) & ~0x1FF for e in reft if int(e)]
         snap = image._snapshots[0].l1_offset  # type: ignore[attr-defined]
     return Layout(img.read_bytes(), h.l1_offset, h.l1_size, l2, h.refcount_table_offset, blocks, snap)

@@ -96,7 +96,7 @@ def test_status_json_text_and_metrics(tmp_path: Path, host_daemon: Callable[...,
 
 def test_status_without_a_daemon_says_where_it_looked(tmp_path: Path) -> None:
     out = cli("status", "--json", env={"VMRECLAIM_STATUS_SOCKET": str(tmp_path / "none.sock")})
-    assert out.returncode == 1
+    assert out.returncode == 2  # DESIGN.md §8: no daemon is exit 2, socket named
     assert f"no host daemon status socket at {tmp_path / 'none.sock'}" in out.stderr
     assert out.stdout == ""
 
@@ -105,7 +105,7 @@ def test_json_logs_and_a_second_daemon_on_the_same_socket(
     tmp_path: Path, host_daemon: Callable[..., HostProcess]
 ) -> None:
     image = make_raw_image(tmp_path / "vm1.raw", MiB, [(0, MiB)])
-    vms = [static_vm("vm1", tmp_path / "vm1.sock", [{"id": "disk0", "path": image}])]
+    vms = [static_vm("vm1", tmp_path / "vm1.sock", [{"id": "disk0", "path": image, "format": "raw"}])]
     first = host_daemon(vms, log_format="json", log_level="debug")
     config = host_config(
         tmp_path / "second.yaml", vms, database=tmp_path / "other.sqlite", status_socket=first.status_socket

@@ -93,31 +93,28 @@ HELLO = b'{"type": "hello", "v": 1, "agent": "hostile", "disks": [{"id": "disk0"
 
 
 def _spray(path: str, lines: Callable[[int], bytes], read: bool) -> None:
-    """Send ``lines(i)`` for ever on fresh connections; read (and drop) the answers or not."""
+    """Send ``lines(i)`` for ever on fresh connections; read (and drop) the answers in a
+    thread, or never read them. Blocking sockets: an attacker costs the machine only
+    what the daemon lets it send (it must not starve the honest agents' own process)."""
+    import threading
+
+    def drain(s: socket.socket) -> None:
+        try:
+            while s.recv(1 << 16):
+                pass
+        except OSError:
+            pass
+
     i = 0
     while True:
         s = _connect(path)
         try:
-            s.sendall(HELLO)
             if read:
-                s.setblocking(False)
+                threading.Thread(target=drain, args=(s,), daemon=True).start()
+            s.sendall(HELLO)
             while True:
                 i += 1
-                data = lines(i)
-                if read:
-                    while data:
-                        try:
-                            sent = s.send(data)
-                            data = data[sent:]
-                        except BlockingIOError:
-                            time.sleep(0.001)
-                        try:
-                            while s.recv(1 << 16):
-                                pass
-                        except BlockingIOError:
-                            pass
-                else:
-                    s.sendall(data)
+                s.sendall(lines(i))
         except OSError:
             s.close()
             time.sleep(0.05)
@@ -170,11 +167,13 @@ def attack_idle(path: str) -> None:
     held = []
     while True:
         while len(held) < 1100:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
             try:
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 s.connect(path)
                 held.append(s)
-            except OSError:
+            except OSError:  # the backlog is full
+                s.close()
                 time.sleep(0.01)
         time.sleep(0.5)
         # Connections the daemon closed are opened again: the flood stays at 1,100.
@@ -260,16 +259,20 @@ def test_hostile_guests_cost_the_honest_ones_nothing(tmp_path: Path) -> None:
     pid = host.proc.pid
     sock = {name: tmp_path / f"{name}.sock" for name in names}
     ctx = multiprocessing.get_context("fork")
-    attackers = [
-        ctx.Process(target=attack_numbers, args=(str(sock["numbers"]),), daemon=True),
-        ctx.Process(target=attack_flood, args=(str(sock["flood"]),), daemon=True),
-        ctx.Process(target=attack_duplicates, args=(str(sock["dups"]),), daemon=True),
-        ctx.Process(target=attack_idle, args=(str(sock["idle"]),), daemon=True),
-        ctx.Process(target=attack_errors, args=(str(sock["errors"]),), daemon=True),
-        ctx.Process(target=attack_tcp_nonreader, args=(port, secret), daemon=True),
-    ]
+    everyone: dict[str, tuple[Callable[..., None], tuple[Any, ...]]] = {
+        "numbers": (attack_numbers, (str(sock["numbers"]),)),
+        "flood": (attack_flood, (str(sock["flood"]),)),
+        "dups": (attack_duplicates, (str(sock["dups"]),)),
+        "idle": (attack_idle, (str(sock["idle"]),)),
+        "errors": (attack_errors, (str(sock["errors"]),)),
+        "nonreader": (attack_tcp_nonreader, (port, secret)),
+    }
+    # VMRECLAIM_ATTACKS=flood,dups runs a subset (to find which attack costs what).
+    chosen = os.environ.get("VMRECLAIM_ATTACKS", ",".join(everyone)).split(",")
+    attackers = [ctx.Process(target=everyone[n][0], args=everyone[n][1], daemon=True) for n in chosen]
     peak = 0
     try:
+        asyncio.run(honest_pair(sock["honest1"], sock["honest2"], 3.0))  # warm-up, not measured
         base = asyncio.run(honest_pair(sock["honest1"], sock["honest2"], BASELINE_SECONDS))
         idle_rss = rss(pid)
         for proc in attackers:
@@ -287,15 +290,25 @@ def test_hostile_guests_cost_the_honest_ones_nothing(tmp_path: Path) -> None:
         attacked = asyncio.run(under_attack())
         status = host.status()
         peak = max(peak, rss(pid))
-    finally:
         for proc in attackers:
             proc.kill()
             proc.join()
+        # A second baseline after the attacks: the machine's own load drifts (other
+        # suites run beside this one), so the baseline is the mean of before and after.
+        time.sleep(2)
+        after = asyncio.run(honest_pair(sock["honest1"], sock["honest2"], BASELINE_SECONDS))
+        base = [((b + a) / 2, eb + ea) for (b, eb), (a, ea) in zip(base, after, strict=True)]
+    finally:
+        for proc in attackers:
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
         code = host.stop()
     bound = memory_bound(len(vms))
     rejected = {v["name"]: v["rejected_records"] for v in status["vms"]}
     report = (
-        f"baseline {[round(r) for r, _ in base]} records/s, under attack {[round(r) for r, _ in attacked]}; "
+        f"baseline (mean of before and after) {[round(r) for r, _ in base]} records/s, "
+        f"under attack {[round(r) for r, _ in attacked]}; "
         f"daemon RSS {idle_rss / MiB:.0f} MiB idle, {peak / MiB:.0f} MiB peak (bound {bound / MiB:.0f} MiB); "
         f"rejected {rejected}"
     )
@@ -306,4 +319,5 @@ def test_hostile_guests_cost_the_honest_ones_nothing(tmp_path: Path) -> None:
         assert not errors, errors[:3]
         assert after >= 0.9 * before, report
     assert peak <= bound, report
-    assert rejected["numbers"] > 0 and rejected["honest1"] == rejected["honest2"] == 0
+    assert rejected["honest1"] == rejected["honest2"] == 0
+    assert "numbers" not in chosen or rejected["numbers"] > 0

@@ -225,3 +225,54 @@ def test_damaged_filesystems_are_refused_or_left_as_they_were(
     after_files = contents(disk, tmp / "after")
     changed = [n for n in files if after_files[n] != before_files[n]]
     assert not changed, f"{requests}: files changed: {changed[:5]}"
+
+
+def test_the_host_daemons_offline_reclaim_refuses_the_same_damage(damaged: GuestDisk, tmp_path: Path) -> None:
+    """The daemon's offline mode reads free space with the same reader and rule
+    (``core.sparsify.scan_free_space``): a record covering the whole disk from a VM
+    that then stops, on the damaged filesystem — the attempt fails naming the group,
+    nothing is punched."""
+    import asyncio
+
+    from vmreclaim.core.config import HostConfig, load_config
+    from vmreclaim.host.daemon import HostDaemon
+    from vmreclaim.testing.host import AgentPeer, host_config, static_vm
+
+    target = next(g for g in group_of_files(damaged.path) if g > 0)
+    debugfs_w(damaged.path, f"set_bg {target} flags 2", f"set_bg {target} checksum calc")
+    before = damaged.path.read_bytes()
+    size = len(before)
+    channel = tmp_path / "vm1.sock"
+    path = host_config(
+        tmp_path / "host.yaml",
+        [static_vm("vm1", channel, [{"id": "disk0", "path": damaged.path, "format": "raw"}])],
+        database=tmp_path / "db.sqlite",
+        status_socket=tmp_path / "status.sock",
+        policy={"driver": "always"},
+        reclaim={"tick_seconds": 0.1, "retry_max_seconds": 60},
+    )
+
+    async def main() -> None:
+        daemon = HostDaemon(load_config(path, HostConfig))
+        await daemon.start()
+        try:
+            peer = AgentPeer(channel, on_fence=lambda f: "shutting down")
+            await peer.connect()
+            seq = await peer.send_record([(0, size)])
+            await peer.wait_answered(seq)
+            await peer.close()
+            rt = daemon.disks["vm1/disk0"]
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while rt.last_attempt is None or rt.busy:
+                assert loop.time() < deadline, "no offline attempt within 30 s"
+                await asyncio.sleep(0.05)
+            attempt = rt.last_attempt
+            assert attempt.mode == "offline" and attempt.outcome == "failed", attempt
+            assert f"group {target} is flagged BLOCK_UNINIT" in attempt.detail, attempt.detail
+            assert attempt.punched_bytes == 0
+        finally:
+            await daemon.shutdown()
+
+    asyncio.run(main())
+    assert damaged.path.read_bytes() == before

@@ -314,3 +314,24 @@ def test_sparsify_frees_deleted_files(
     fsck_fat(raw)
     assert_files_intact(raw, survivors, tmp_path / "out")
     assert free_space(raw) == (expected_free, cluster)
+
+
+def test_file_whose_only_cluster_is_marked_free_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A one-cluster file's end-of-chain entry zeroed in every copy: no link reaches it,
+    only the directory walk notices that a file starts there."""
+    img = tmp_path / "fat.img"
+    mkfat(img, 40 * MIB, ["-F", "16", "-s", "2"])
+    (tmp_path / "small").write_bytes(b"s" * 100)
+    run(["mcopy", "-i", str(img), str(tmp_path / "small"), "::small"])
+    sector, reserved, fats, size = boot_fields(img)
+    with open(img, "rb") as f:
+        f.seek((reserved + fats * size) * sector)
+        root = f.read(512 * 32)
+    at = root.index(b"SMALL      ")
+    (first,) = struct.unpack_from("<H", root, at + 26)
+    for i in range(fats):
+        patch(img, (reserved + i * size) * sector + first * 2, b"\x00\x00")
+    code, _, err = sparsify(capsys, img)
+    assert code == 4 and "SMALL" in err and "marks free" in err, err

@@ -246,7 +246,7 @@ def _truth(img: Path) -> tuple[RangeSet, list[int]]:
         lay = Layout(img)
         out = run(["ntfsinfo", "-v", "-i", "6", str(img)])
         bitmap = int(re.search(r"Runlist:.*\n\s+0x0\s+0x([0-9a-f]+)", out).group(1), 16) * lay.cluster  # type: ignore[union-attr]
-        targets = [0, lay.mirror, bitmap, bitmap + 1024] + [lay.record_at(n) for n in range(0, 40)]
+        targets = [0, lay.mirror, bitmap, bitmap + 1024] + [lay.record_at(n) for n in range(0, 130)]
         _TRUTH[str(img)] = (free, targets)
     return _TRUTH[str(img)]
 
@@ -313,3 +313,21 @@ def test_sparsify_frees_deleted_files(tmp_path: Path, fmt: str, capsys: pytest.C
     assert_files_intact(raw, survivors)
     with ntfs3g(raw, tmp_path / "ro", "ro") as mnt:
         assert sorted(p.name for p in mnt.iterdir() if p.name.startswith("f")) == sorted(survivors)
+
+
+@pytest.mark.parametrize(("signature", "refused"), [(b"HIBR", True), (b"hibr", True), (b"wake", False)])
+def test_hibernated_windows_is_refused(tmp_path: Path, signature: bytes, refused: bool) -> None:
+    """A ``hiberfil.sys`` in the root directory starting with ``hibr`` means Windows
+    will resume from memory: the on-disk state is not final (ntfs-3g refuses it too)."""
+    img = tmp_path / "ntfs.img"
+    with open(img, "wb") as f:
+        f.truncate(48 * MIB)
+    subprocess.run(["mkntfs", "-q", "-F", "-Q", str(img)], capture_output=True, check=True)
+    with ntfs3g(img, tmp_path / "mnt") as mnt:
+        (mnt / "hiberfil.sys").write_bytes(signature + bytes(200_000))
+        (mnt / "keep").write_bytes(b"k" * 5000)
+    if refused:
+        with pytest.raises(VMReclaimError, match="hibernated"):
+            free_space(img)
+    else:
+        free_space(img)

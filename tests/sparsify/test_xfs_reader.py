@@ -348,3 +348,24 @@ def test_sparsify_frees_deleted_files(tmp_path: Path, fmt: str, capsys: pytest.C
     xfs_repair_clean(raw)
     assert free_space(raw)[0] == expected
     read_back(raw, survivors, tmp_path)
+
+
+def test_copy_of_a_frozen_filesystem_is_refused(tmp_path: Path) -> None:
+    """``xfs_freeze`` writes everything back but *covers* the log with a dummy record
+    instead of an unmount record. Accepting a covered log is work for the live
+    (freeze-and-read) mode; until then the reader refuses it like any dirty log."""
+    require_root()
+    require_tool("xfs_freeze")
+    from vmreclaim.testing.linux import loop_mounted
+
+    img = tmp_path / "xfs.img"
+    mkxfs(img, [], make_files(20, 2, 64 * 1024), "mount", tmp_path)
+    copy = tmp_path / "frozen.img"
+    with loop_mounted(img, tmp_path / "mnt") as (_dev, mnt):
+        run(["xfs_freeze", "-f", str(mnt)])
+        try:
+            run(["cp", "--sparse=always", str(img), str(copy)])
+        finally:
+            run(["xfs_freeze", "-u", str(mnt)])
+    with pytest.raises(VMReclaimError, match="does not end with an unmount record"):
+        free_space(copy)

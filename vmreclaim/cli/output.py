@@ -27,20 +27,31 @@ def emit_json(doc: Any) -> None:
     sys.stdout.write("\n")
 
 
+#: Width of the console when stdout is not a terminal: wide enough that rich never
+#: truncates or wraps a cell (a table is as wide as its content, not as this).
+PIPE_WIDTH = 1 << 15
+
+
 def console() -> Any:
+    """A rich console on stdout; piped, it never truncates a table to 80 columns."""
     from rich.console import Console
 
-    return Console()
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=PIPE_WIDTH)
+    return out
 
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
-    tbl = Table(title=title)
+    # Cells are data, never markup: `pip install 'vmreclaim[kvm]'` keeps its brackets.
+    tbl = Table(title=escape(title))
     for col in columns:
         tbl.add_column(col, justify="right" if col in _NUMERIC else "left")
     for row in rows:
-        tbl.add_row(*("" if v is None else str(v) for v in row))
+        tbl.add_row(*("" if v is None else escape(str(v)) for v in row))
     console().print(tbl)
 
 
@@ -176,6 +187,7 @@ def _ago(when: float | None, now: float) -> str:
 
 def print_status(doc: dict[str, Any]) -> None:
     """The host daemon's status document as tables, for people."""
+    from rich.markup import escape
     from rich.table import Table
 
     out = console()
@@ -184,8 +196,8 @@ def print_status(doc: dict[str, Any]) -> None:
     state = ", ".join(f"{k}={v}" for k, v in policy.items() if k != "driver")
     out.print(
         f"vmreclaim host {doc.get('version', '?')}, up {doc.get('uptime_seconds', 0):.0f}s; "
-        f"policy [bold]{policy.get('driver', '?')}[/bold]"
-        + (f" ({state})" if state else "")
+        f"policy [bold]{escape(str(policy.get('driver', '?')))}[/bold]"
+        + (f" ({escape(state)})" if state else "")
         + f"; rejected records: {doc.get('rejected_records', 0)}"
     )
     tbl = Table()
@@ -198,9 +210,9 @@ def print_status(doc: dict[str, Any]) -> None:
         disks = vm.get("disks", []) or [{}]
         for i, disk in enumerate(disks):
             tbl.add_row(
-                f"{vm.get('name')} ({running})" if i == 0 else "",
+                escape(f"{vm.get('name')} ({running})") if i == 0 else "",
                 who if i == 0 else "",
-                str(disk.get("id", "")),
+                escape(str(disk.get("id", ""))),
                 _status_size(disk.get("pending_bytes")),
                 _status_size(disk.get("punched_bytes")),
                 _status_size(disk.get("freed_bytes")),

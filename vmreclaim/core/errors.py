@@ -21,7 +21,8 @@ kernel (``OSError``, libvirt, XenAPI, QMP) are mapped at the driver boundary wit
     │   ├── CorruptImageError                   a structure that breaks the format's rules
     │   └── PunchUnsupportedError               the host filesystem cannot punch holes
     ├── ChannelError                    exit 1  a guest/host channel failed (connect, I/O)
-    │   └── ProtocolError                       a peer sent a message that breaks the protocol
+    │   ├── ProtocolError                       a peer sent a message that breaks the protocol
+    │   └── DaemonUnavailableError      exit 2  no daemon answers on its socket (not started)
     ├── FenceError                      exit 1  a fence (freeze, lease) could not be held
     └── HypervisorError                 exit 1  the hypervisor could not be asked
 """
@@ -115,6 +116,13 @@ class ChannelError(VMReclaimError):
 
 class ProtocolError(ChannelError):
     """A peer sent a message that breaks the wire protocol (docs/protocol.md)."""
+
+
+class DaemonUnavailableError(ChannelError):
+    """No daemon answers on the socket a command asks (``vmreclaim status`` with no
+    ``vmreclaim host`` running): the operator's setup, not a bug, hence exit 2."""
+
+    exit_code = 2
 
 
 class FenceError(VMReclaimError):

@@ -75,8 +75,8 @@ class Plugins:
         self, *, disk: Disk, image: Image, plan: ReclaimPlan, lease: Lease | None
     ) -> ReclaimPlan:
         answers = self._hook.vmreclaim_translate_filter(disk=disk, image=image, plan=plan, lease=lease)
-        keep = _narrow(plan.punch, answers)
-        return plan if keep == plan.punch else plan.narrowed(keep, "vetoed by a plugin")
+        allowed = _narrow(plan.punch, answers)
+        return plan if allowed == plan.punch else plan.narrowed(allowed, "vetoed by a plugin")
 
     def reclaim_done(self, *, disk: Disk, report: ReclaimReport) -> None:
         self._hook.vmreclaim_reclaim_done(disk=disk, report=report)

@@ -69,10 +69,10 @@ class ReclaimPlan:
         reclaim mode (deep discard, a guest trim) may act on, and nothing more."""
         return _guest_pieces(self.data, self.punch)
 
-    def narrowed(self, keep: RangeSet, reason: str) -> ReclaimPlan:
-        """The plan punching only host bytes inside ``keep``; the guest bytes that
+    def narrowed(self, allowed: RangeSet, reason: str) -> ReclaimPlan:
+        """The plan punching only host bytes inside ``allowed``; the guest bytes that
         drop out are skipped with ``reason``."""
-        kept = self.punch.intersect(keep)
+        kept = self.punch.intersect(allowed)
         dropped = _guest_pieces(self.data, self.punch.subtract(kept))
         skipped = self.skipped + [Skip(r.start, r.length, reason) for r in dropped]
         skipped.sort(key=lambda s: s.start)
@@ -146,7 +146,7 @@ def plan_reclaim(image: Image, ranges: RangeSet, block_size: int) -> ReclaimPlan
             f"(host {int(host.ends[-1]):#x} > size {file_size:#x})"
         )
 
-    punch = host.align_inward(block_size)
+    punch = image.data_file.punchable(host, block_size)
     punched_guest = _guest_pieces(data, punch)
     skipped = _skips(extents.select(*[k for k in ExtentKind if k is not ExtentKind.DATA]))
     lost = data.guest_ranges().subtract(punched_guest)

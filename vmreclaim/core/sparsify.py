@@ -36,7 +36,6 @@ from vmreclaim.core.errors import CorruptImageError, ImageBusyError, VMReclaimEr
 from vmreclaim.core.filesystems import FilesystemReader, ProgressCallback, identify
 from vmreclaim.core.formats import Image
 from vmreclaim.core.image import open_image
-from vmreclaim.core.locks import busy_reason, hold_for_writing
 from vmreclaim.core.model import Disk
 from vmreclaim.core.pipeline import Pipeline
 from vmreclaim.core.ranges import RangeSet
@@ -152,15 +151,15 @@ def _locked(image: Image, dry_run: bool) -> Iterator[int]:
     if dry_run:
         fd = image.data_file.fd
         for f in {image.file.path: image.file, image.data_file.path: image.data_file}.values():
-            reason = busy_reason(f.fd)
+            reason = f.busy_reason()
             if reason is not None:
                 raise ImageBusyError(f"{f.path}: image is busy: another process {reason}; stop it first")
         yield fd
         return
     with ExitStack() as stack:
         if image.data_file is not image.file:
-            stack.enter_context(hold_for_writing(image.file.path))
-        yield stack.enter_context(hold_for_writing(image.data_file.path))
+            stack.enter_context(image.file.hold_for_writing())
+        yield stack.enter_context(image.data_file.hold_for_writing())
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,9 @@ connections per VM        :attr:`Limits.connections_per_vm` at once, pre-handsha
                           included; more are closed at once (no descriptor, no buffer)
 lines per second          a token bucket per VM: past it the session stops reading,
 bytes per second          so the guest's own socket fills and its sender blocks
+event-loop time           the time the daemon spent on the VM's lines, as a share of a
+                          core (the same bucket mechanism): cheap lines and costly ones
+                          (deep JSON, long errors) cost each VM what they cost
 ranges in flight          ranges received but not yet committed, per VM: past it the
                           session stops reading until its commits catch up
 ranges held per disk      :attr:`Limits.ranges_per_disk`; past it records are nacked
@@ -43,13 +46,19 @@ class Limits:
     #: Connections of one VM at once, before and after the handshake (an agent that
     #: reconnects while its old connection lingers needs two).
     connections_per_vm: int = 3
-    #: Lines (of any type) per second a VM's session reads, and the burst it may send.
-    lines_per_second: float = 500.0
-    line_burst: float = 1000.0
-    #: Bytes per second a VM's session reads; the burst admits one line of the maximum
+    #: Lines (of any type) per second a VM's session reads, and the burst it may send
+    #: (a real agent sends a record per verification pass, some tens a second; after an
+    #: outage it replays its spool 32 records at a time).
+    lines_per_second: float = 2000.0
+    line_burst: float = 4000.0
+    #: Bytes per second a VM's session reads; the burst admits two lines of the maximum
     #: size (4 MiB) at once.
-    bytes_per_second: float = 2 * 1024 * 1024
+    bytes_per_second: float = 4 * 1024 * 1024
     byte_burst: float = 2 * MAX_LINE_BYTES
+    #: Share of one core the event loop may spend on a VM's lines (parsing, validating,
+    #: storing, answering), and the burst in seconds.
+    cpu_share: float = 0.05
+    cpu_burst: float = 0.1
     #: Ranges of one VM received but not yet committed; each record counts
     #: ``RECORD_OVERHEAD_RANGES`` more (its objects), so many one-range records are bounded too.
     inflight_ranges_per_vm: int = 200_000
@@ -123,11 +132,15 @@ class VMBudget:
     inflight_ranges: int = 0
     lines: TokenBucket = field(init=False)
     bytes: TokenBucket = field(init=False)
+    cpu: TokenBucket = field(init=False)
     _room: asyncio.Event | None = field(default=None, init=False)
+    _wake: asyncio.Event = field(init=False)
 
     def __post_init__(self) -> None:
         self.lines = TokenBucket(self.limits.lines_per_second, self.limits.line_burst)
         self.bytes = TokenBucket(self.limits.bytes_per_second, self.limits.byte_burst)
+        self.cpu = TokenBucket(self.limits.cpu_share, self.limits.cpu_burst)
+        self._wake = asyncio.Event()
 
     # -- connections -------------------------------------------------------------------
 
@@ -149,9 +162,20 @@ class VMBudget:
 
     async def pace(self, nbytes: int) -> None:
         """A line of ``nbytes`` was read: wait as long as the VM is over its rates."""
-        wait = max(self.lines.delay(1), self.bytes.delay(nbytes))
+        wait = max(self.lines.delay(1), self.bytes.delay(nbytes), self.cpu.delay(0))
         if wait > 0:
-            await asyncio.sleep(wait)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+
+    def interrupt(self) -> None:
+        """The host asked the VM's agent something (a fence, a trim): read its answer
+        now, whatever the VM owes (a lease counts from the request)."""
+        self._wake.set()
+
+    def charge(self, seconds: float) -> None:
+        """The event loop spent ``seconds`` on one of the VM's lines: paid before its next."""
+        self.cpu.delay(seconds)
 
     def hold(self, ranges: int) -> None:
         """A record of ``ranges`` ranges was handed to the committer."""

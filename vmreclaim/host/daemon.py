@@ -254,6 +254,7 @@ class HostDaemon:
         """Stop listening, let reclaims in flight finish (within a lease), commit what
         was received, close everything."""
         cfg = self.config
+        self.registry.refuse_new()
         for task in self._critical[1:]:
             task.cancel()
         await self.scheduler.stop(timeout=cfg.fence.lease_seconds + 2)

@@ -250,6 +250,10 @@ class VMRegistry:
 
     # -- stopping ---------------------------------------------------------------------------
 
+    def refuse_new(self) -> None:
+        """From now on, no new listener and no new session (the daemon is stopping)."""
+        self._stopping = True
+
     async def close(self, why: str) -> None:
         """Stop listening and close every session."""
         self._stopping = True

@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections.abc import Coroutine, Iterable
 from typing import Any, Protocol
 
 from vmreclaim.core.config import ReclaimConfig
+from vmreclaim.core.errors import VMReclaimError
 from vmreclaim.core.hypervisors import VMInfo
+from vmreclaim.core.image import image_size, storage_state
 from vmreclaim.core.model import MAX_RANGES_PER_RECORD, DeletionRecord, Disk, VMIdentity
 from vmreclaim.core.pipeline import Pipeline
-from vmreclaim.core.policies import Decision, DiskState, Policy, StorageState
+from vmreclaim.core.policies import Decision, DiskState, Policy
 from vmreclaim.host import budget
 from vmreclaim.host.attempt import POSTPONED, Attempt
 from vmreclaim.host.bookkeeping import ReclaimBook
@@ -202,10 +203,12 @@ class Scheduler:
         if self._stopping or rt.busy or not rt.pending or mono < rt.retry_at:
             return
         try:
-            size = os.stat(rt.disk.path).st_size
-            storage = StorageState.of(rt.disk.path)
-        except OSError as exc:
-            rt.last_decision = Decision(False, f"image {rt.disk.path} cannot be read: {exc.strerror}")
+            # A named image (rbd:...) answers through its driver: the pool's usage.
+            size = image_size(rt.disk.path)
+            storage = storage_state(rt.disk.path)
+        except (OSError, VMReclaimError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
+            rt.last_decision = Decision(False, f"image {rt.disk.path} cannot be read: {why}")
             return
         state = DiskState(
             rt.disk.key, size, rt.pending.bytes_upper, rt.totals.last_reclaim, rt.pending.oldest_received

@@ -300,7 +300,8 @@ class AgentSession:
     async def _serve(self) -> None:
         while not self.closed:
             await self.host.room()
-            await self.budget.room()
+            if not self._waiting:  # an answer the host is waiting for is never held back
+                await self.budget.room()
             try:
                 line = await self._next_line()
             except ProtocolError as exc:
@@ -310,13 +311,19 @@ class AgentSession:
             if line is None:
                 return
             # Past its rates the VM waits here, unread: its own socket fills, nobody else's.
-            await self.budget.pace(len(line))
+            # Not while the host waits for this agent's answer to a fence or trim: a
+            # lease counts from the request, and the VM's own agent is what it waits for.
+            if not self._waiting:
+                await self.budget.pace(len(line))
+            started = time.perf_counter()
             try:
                 message = decode_from_agent(line)
             except ProtocolError as exc:
                 self._bad_line(str(exc), "malformed")
             else:
                 self._dispatch(message)
+            # The event loop's time this line took is the VM's to pay (its CPU share).
+            self.budget.charge(time.perf_counter() - started)
             if self._bad_in_a_row >= MAX_BAD_LINES:
                 await self.close(f"{MAX_BAD_LINES} bad lines in a row")
                 return
@@ -439,6 +446,7 @@ class AgentSession:
             raise FenceError(f"agent of VM {self.name} is not connected")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[fid] = _Pending(kind, future, time.monotonic())
+        self.budget.interrupt()  # a session paced for its VM's rates reads the answer now
         try:
             self.send(message)
             await asyncio.wait_for(self.writer.drain(), timeout)

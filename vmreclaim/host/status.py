@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmreclaim import __version__
-from vmreclaim.core.errors import ChannelError, UsageError
+from vmreclaim.core.errors import ChannelError, DaemonUnavailableError, UsageError
 
 if TYPE_CHECKING:
     # Types only: ``vmreclaim status`` (the client below) need not load the daemon's
@@ -70,12 +70,14 @@ def query_status(path: str | os.PathLike[str], timeout: float = 10.0) -> dict[st
         try:
             sock.connect(str(path))
         except FileNotFoundError:
-            raise ChannelError(
+            raise DaemonUnavailableError(
                 f"no host daemon status socket at {path} (is `vmreclaim host` running? "
                 "pass its --config to find its status_socket)"
             ) from None
         except OSError as exc:
-            raise ChannelError(f"cannot reach the host daemon at {path}: {exc.strerror or exc}") from exc
+            raise DaemonUnavailableError(
+                f"cannot reach the host daemon at {path}: {exc.strerror or exc}"
+            ) from exc
         chunks = []
         received = 0
         try:
@@ -86,7 +88,9 @@ def query_status(path: str | os.PathLike[str], timeout: float = 10.0) -> dict[st
                 if received > MAX_STATUS_BYTES:
                     raise ChannelError(f"status from {path} exceeds {MAX_STATUS_BYTES} bytes")
         except TimeoutError:
-            raise ChannelError(f"host daemon at {path} did not answer within {timeout:.0f}s") from None
+            raise DaemonUnavailableError(
+                f"host daemon at {path} did not answer within {timeout:.0f}s"
+            ) from None
         except OSError as exc:
             raise ChannelError(f"reading status from {path}: {exc.strerror or exc}") from exc
     finally:

@@ -11,7 +11,8 @@ reads records 2, 3 and 6. Before a cluster is called free:
 * records 0–3 must equal their copies in ``$MFTMirr`` (ntfs-3g refuses to mount otherwise);
 * ``$Volume`` must not be flagged dirty, and ``$LogFile``'s newest restart area must say
   the log holds nothing to redo (Windows' fast startup and hibernation leave it unclean,
-  as does any crash); a ``CHKD`` restart page means chkdsk was interrupted;
+  as does any crash); a ``CHKD`` restart page means chkdsk was interrupted; a root
+  ``hiberfil.sys`` starting with ``hibr`` means Windows will resume from memory;
 * the runlists must stay inside the volume and have no holes, and the bitmap must cover
   every cluster;
 * every cluster of ``$Boot``, ``$MFT``, ``$MFTMirr``, ``$LogFile`` and ``$Bitmap`` itself
@@ -47,6 +48,8 @@ _STRIDE = 512  # update-sequence protection covers every 512 bytes, whatever the
 _AT_DATA = 0x80
 _AT_VOLUME_INFORMATION = 0x70
 _AT_ATTRIBUTE_LIST = 0x20
+_AT_FILE_NAME = 0x30
+_ROOT_DIRECTORY = 5
 _AT_END = 0xFFFFFFFF
 _VOLUME_IS_DIRTY = 0x0001
 _RESTART_VOLUME_IS_CLEAN = 0x0002
@@ -229,6 +232,38 @@ class _Ntfs:
         return bytes(out)
 
 
+def _is_hiberfil(attr: bytes) -> bool:
+    """A resident ``$FILE_NAME`` naming ``hiberfil.sys`` in the root directory."""
+    if attr[8] != 0:
+        return False
+    value_len, value_ofs = struct.unpack_from("<IH", attr, 16)
+    value = attr[value_ofs : value_ofs + value_len]
+    if len(value) < 66 or struct.unpack_from("<Q", value)[0] & 0xFFFFFFFFFFFF != _ROOT_DIRECTORY:
+        return False
+    name = value[66 : 66 + 2 * value[64]].decode("utf-16-le", "replace")
+    return name.lower() == "hiberfil.sys"
+
+
+def _check_not_hibernated(fs: _Ntfs, rec: bytes, number: int) -> None:
+    """Windows hibernation (and fast startup) writes a ``hibr`` signature at the start
+    of ``hiberfil.sys`` (ntfs-3g refuses to mount such a volume read-write): the
+    filesystem state on disk is not the state Windows will resume with."""
+    head = b""
+    for kind, name_len, attr in fs.attributes(rec, number):
+        if kind != _AT_DATA or name_len != 0:
+            continue
+        if attr[8] == 0:
+            value_len, value_ofs = struct.unpack_from("<IH", attr, 16)
+            head = attr[value_ofs : value_ofs + min(4, value_len)]
+        else:
+            (pairs_ofs,) = struct.unpack_from("<H", attr, 32)
+            runs = fs.decode_runs(attr[pairs_ofs:], number, sparse_ok=True)
+            if runs and runs[0][0] == 0:  # VCN 0 is stored (not a hole)
+                head = fs.volume.read(runs[0][1] * fs.boot.cluster, 4, "hiberfil.sys")
+    if head.lower() == b"hibr":
+        raise fs.fail("Windows is hibernated (hiberfil.sys holds a hibernation image; fast startup?)")
+
+
 def _runs_mask(runs: list[Run]) -> list[tuple[int, int]]:
     return [(lcn, lcn + count) for _, lcn, count in runs]
 
@@ -384,7 +419,10 @@ class NtfsReader(FilesystemReader):
                     continue  # free record slot: its stale runlists claim nothing
                 n = first + i
                 fixed = fs.check_record(rec, n, f"MFT record {n}", extension_ok=True)
-                for _kind, _, attr in fs.attributes(fixed, n):
+                attrs = fs.attributes(fixed, n)
+                if any(kind == _AT_FILE_NAME and _is_hiberfil(a) for kind, _, a in attrs):
+                    _check_not_hibernated(fs, fixed, n)
+                for _kind, _, attr in attrs:
                     if attr[8] == 0:
                         continue
                     (pairs_ofs,) = struct.unpack_from("<H", attr, 32)

@@ -10,6 +10,8 @@ used before a cluster is called free:
 * every allocated entry must point to a cluster that exists and is itself allocated
   (or end its chain): a chain that runs into a free entry means the free entry is a
   lie or the chain is, and either way a punch could hit live data;
+* the directory tree is walked: every file's and directory's first cluster must be
+  allocated, so (with the chain check) every cluster a reachable file holds is;
 * the volume must be marked cleanly unmounted (the clean-shutdown bit of entry 1 on
   FAT16/32, the dirty bit Linux and Windows keep in the boot sector);
 * the FAT type decided by the cluster count (as the specification does) must agree
@@ -59,6 +61,9 @@ class _Layout:
     ext_flags: int
     root_cluster: int
     dirty_byte: int
+    #: FAT12/16: the fixed root directory region (bytes from the volume start, length).
+    root_start: int
+    root_bytes: int
 
 
 def _layout(boot: bytes, where: str) -> _Layout:
@@ -109,6 +114,8 @@ def _layout(boot: bytes, where: str) -> _Layout:
         ext_flags if bits == 32 else 0,
         root_cluster if bits == 32 else 0,
         boot[0x41 if bits == 32 else 0x25],
+        (reserved + fats * fat_sectors) * sector,
+        root_entries * 32,
     )
 
 
@@ -125,6 +132,72 @@ def _entries(table: bytes, bits: int, count: int) -> npt.NDArray[np.uint32]:
     even = raw[:, 0] | ((raw[:, 1] & 0x0F) << 8)
     odd = (raw[:, 1] >> 4) | (raw[:, 2] << 4)
     return np.column_stack([even, odd]).reshape(-1)[:count]
+
+
+#: Directory entries more than this are refused (a loop or garbage, not a real tree).
+MAX_DIRECTORY_ENTRIES = 4_000_000
+
+
+def _chain(entries: npt.NDArray[np.uint32], first: int, lay: _Layout, where: str) -> list[int]:
+    """The clusters of a directory's chain (links were range-checked by ``_check``)."""
+    out: list[int] = []
+    seen: set[int] = set()
+    cluster = first
+    while 2 <= cluster < entries.size:
+        if cluster in seen:
+            raise CorruptImageError(f"{where}: FAT{lay.bits}: a directory's cluster chain loops")
+        seen.add(cluster)
+        out.append(cluster)
+        cluster = int(entries[cluster])
+    return out
+
+
+def _check_directories(volume: Volume, entries: npt.NDArray[np.uint32], lay: _Layout, where: str) -> None:
+    """Walk the directory tree: every file's and directory's first cluster must be
+    allocated. With every chain link already checked, this makes every cluster that a
+    reachable file holds allocated — what ``fsck.fat`` checks, minus repairs."""
+    if lay.bits == 32:
+        pending: list[bytes | int] = [lay.root_cluster]
+    else:
+        pending = [volume.read(lay.root_start, lay.root_bytes, "FAT root directory")]
+    visited: set[int] = set()
+    seen_entries = 0
+    while pending:
+        item = pending.pop()
+        if isinstance(item, int):
+            if item in visited:
+                raise CorruptImageError(f"{where}: FAT{lay.bits}: directory cluster {item} is reached twice")
+            visited.add(item)
+            clusters = _chain(entries, item, lay, where)
+            data = b"".join(
+                volume.read(lay.data_start + (c - 2) * lay.cluster, lay.cluster, "FAT directory")
+                for c in clusters
+            )
+        else:
+            data = item
+        for pos in range(0, len(data) - 31, 32):
+            name0, attr = data[pos], data[pos + 11]
+            if name0 == 0:
+                break  # end of directory
+            if name0 == 0xE5 or attr & 0x0F == 0x0F or attr & 0x08:
+                continue  # deleted, long-name piece, or volume label
+            seen_entries += 1
+            if seen_entries > MAX_DIRECTORY_ENTRIES:
+                raise CorruptImageError(f"{where}: FAT{lay.bits}: more than {MAX_DIRECTORY_ENTRIES} entries")
+            hi, lo = struct.unpack_from("<H", data, pos + 20)[0], struct.unpack_from("<H", data, pos + 26)[0]
+            first = (hi << 16 | lo) if lay.bits == 32 else lo
+            if data[pos : pos + 11] in (b".          ", b"..         "):
+                continue
+            if first == 0:
+                continue  # an empty file
+            if first < 2 or first >= entries.size or entries[first] == 0:
+                name = data[pos : pos + 11].decode("ascii", "replace").strip()
+                raise CorruptImageError(
+                    f"{where}: FAT{lay.bits}: directory entry {name!r} starts at cluster {first}, "
+                    "which the table marks free"
+                )
+            if attr & 0x10:
+                pending.append(first)
 
 
 class VfatReader(FilesystemReader):
@@ -183,6 +256,7 @@ class VfatReader(FilesystemReader):
         assert first is not None
         entries = _entries(first, lay.bits, count)
         self._check(entries, lay, where)
+        _check_directories(volume, entries, lay, where)
         free_idx = np.flatnonzero(entries[2:] == 0).astype(np.int64)
         starts = lay.data_start + free_idx * lay.cluster
         return FreeSpace(RangeSet(starts, starts + lay.cluster), lay.cluster, lay.total_bytes)

@@ -28,7 +28,7 @@ def vmreclaim_cli_add_commands(commands: argparse._SubParsersAction[argparse.Arg
     p.add_argument("--name", default=DEFAULT_CHANNEL, help="virtio-serial port name")
     p.add_argument("--path", default=None, help="host socket path (default: chosen by libvirt)")
     p.add_argument("--dry-run", action="store_true", help="print the change, do not make it")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the change as JSON")
     set_command(p, enable)
 
 

@@ -113,6 +113,11 @@ class AgReader:
                 f"free-space trees hold {total} blocks (longest {biggest}); "
                 f"the AGF counts {freeblks} (longest {longest})"
             )
+        headers = -(-4 * sb.sector_size // sb.block_size)  # superblock, AGF, AGI, AGFL sectors
+        if lengths.size and int(starts[0]) < headers:
+            raise self._fail(f"a free extent starts at block {int(starts[0])}, inside the AG headers")
+        if self.visited & set(agfl.tolist()):
+            raise self._fail("a block is both on the free list and in a free-space tree")
         used = np.array(sorted(self.visited | set(agfl.tolist())), dtype=np.int64)
         at = np.searchsorted(starts, used, side="right") - 1
         inside = (at >= 0) & (used < starts[np.maximum(at, 0)] + lengths[np.maximum(at, 0)])
@@ -141,7 +146,8 @@ class AgReader:
         if (last - first) % size + 1 != count:
             raise self._fail(f"AGF free list [{first}, {last}] does not hold {count} blocks")
         blocks = slots[(first + np.arange(count)) % size]
-        if np.any(blocks >= self.length) or np.any(blocks < 4) or np.unique(blocks).size != count:
+        headers = -(-4 * sb.sector_size // sb.block_size)
+        if np.any(blocks >= self.length) or np.any(blocks < headers) or np.unique(blocks).size != count:
             raise self._fail("AGFL lists a block outside the AG or twice")
         return blocks
 
@@ -218,7 +224,7 @@ class AgReader:
         sb = self.sb
         out = []
         for agbno in agbnos:
-            if not 0 < agbno < self.length:
+            if not -(-4 * sb.sector_size // sb.block_size) <= agbno < self.length:
                 raise self._fail(f"{tree.name} points to block {agbno}, outside the AG")
             if agbno in self.visited:
                 raise self._fail(f"{tree.name} reaches block {agbno} twice")

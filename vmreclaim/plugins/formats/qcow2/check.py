@@ -17,7 +17,7 @@ this module does the same, vectorised:
 * the COPIED flag of every active L1 and L2 entry must say exactly "refcount is 1".
 
 Overlapping structures, unaligned offsets and reserved bits are refused where the
-tables are read (:mod:`vmreclaim.plugins.formats.qcow2`, ``_qcow2_header``).
+tables are read (:mod:`.tables`, :mod:`.refcounts`, :mod:`.header`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vmreclaim.core.errors import CorruptImageError
-from vmreclaim.plugins.formats import _qcow2_header as hdr
+from vmreclaim.plugins.formats.qcow2 import header as hdr
 
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
