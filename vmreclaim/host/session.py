@@ -57,7 +57,7 @@ from vmreclaim.core.ranges import RangeSet
 from vmreclaim.core.transports import MAX_LINE_BYTES
 from vmreclaim.host.logs import event
 
-#: An agent must say hello this soon after connecting.
+#: After this long without a hello the host says (once) that it is still waiting.
 HELLO_TIMEOUT = 30.0
 #: A session that sends this many bad lines in a row is dropped.
 MAX_BAD_LINES = 32
@@ -227,14 +227,20 @@ class AgentSession:
             raise ProtocolError(f"line of {dropped} bytes exceeds the limit of {MAX_LINE_BYTES} bytes")
 
     async def _handshake(self) -> bool:
+        # A silent channel is a guest still booting (QEMU's end of a virtio-serial port
+        # is there from the VM's start), not hostile input: wait for it without counting
+        # a rejection, and say once that it is slow. A guest can only hold its own channel.
+        slow = asyncio.get_running_loop().call_later(
+            HELLO_TIMEOUT,
+            lambda: event(logging.INFO, "agent.waiting_for_hello", vm=self.name, seconds=HELLO_TIMEOUT),
+        )
         try:
-            line = await asyncio.wait_for(self._next_line(), HELLO_TIMEOUT)
-        except TimeoutError:
-            self._refuse(f"no hello within {HELLO_TIMEOUT:.0f}s")
-            return False
+            line = await self._next_line()
         except ProtocolError as exc:
             self._refuse(str(exc))
             return False
+        finally:
+            slow.cancel()
         if line is None:
             return False
         try:
