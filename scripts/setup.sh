@@ -16,6 +16,7 @@ PACKAGES="
   e2fsprogs xfsprogs btrfs-progs dosfstools ntfs-3g lvm2 fdisk util-linux kmod
   fuse3 busybox-static cpio linux-image-amd64
   libvirt-daemon-system libvirt-dev pkg-config gcc python3-dev
+  debootstrap
 "
 if [ "${1:-}" = "--bench" ]; then
   PACKAGES="$PACKAGES libguestfs-tools hyperfine"

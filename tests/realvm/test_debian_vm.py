@@ -40,7 +40,7 @@ from vmreclaim.testing import require_root, require_tool
 from vmreclaim.testing.debian_vm import DebianImage, GuestShell, build_image, build_wheelhouse, domain_xml
 from vmreclaim.testing.host import HostProcess
 
-pytestmark = [pytest.mark.realvm, pytest.mark.kvm, pytest.mark.timeout(3600)]
+pytestmark = [pytest.mark.realvm, pytest.mark.timeout(3600)]
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
