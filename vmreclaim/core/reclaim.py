@@ -22,7 +22,6 @@ import numpy as np
 from vmreclaim.core.errors import CorruptImageError, RangeError
 from vmreclaim.core.extents import ExtentKind, ExtentMap
 from vmreclaim.core.formats import Image
-from vmreclaim.core.lease import Lease
 from vmreclaim.core.punch import held_ranges
 from vmreclaim.core.ranges import RangeSet, overlapping_pairs
 
@@ -55,9 +54,6 @@ class ReclaimPlan:
     punch: RangeSet
     skipped: list[Skip] = field(default_factory=list)
     block_size: int = 4096
-    #: A live punch's time limit (the fence lease); every punch implementation checks
-    #: it before each write. ``None`` for offline punches.
-    lease: Lease | None = None
 
     @property
     def requested_bytes(self) -> int:
@@ -67,6 +63,12 @@ class ReclaimPlan:
     def punch_bytes(self) -> int:
         return self.punch.total
 
+    @property
+    def guest_ranges(self) -> RangeSet:
+        """The guest ranges whose host bytes this plan punches: what every other
+        reclaim mode (deep discard, a guest trim) may act on, and nothing more."""
+        return _guest_pieces(self.data, self.punch)
+
     def narrowed(self, keep: RangeSet, reason: str) -> ReclaimPlan:
         """The plan punching only host bytes inside ``keep``; the guest bytes that
         drop out are skipped with ``reason``."""
@@ -74,7 +76,7 @@ class ReclaimPlan:
         dropped = _guest_pieces(self.data, self.punch.subtract(kept))
         skipped = self.skipped + [Skip(r.start, r.length, reason) for r in dropped]
         skipped.sort(key=lambda s: s.start)
-        return ReclaimPlan(self.requested, self.data, kept, skipped, self.block_size, self.lease)
+        return ReclaimPlan(self.requested, self.data, kept, skipped, self.block_size)
 
 
 def only_allocated(plan: ReclaimPlan, fd: int) -> ReclaimPlan:

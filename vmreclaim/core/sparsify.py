@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,8 +123,8 @@ def sparsify_image(
     bar = progress if progress is not None else _Silent()
     with open_image(path, format) as image, _locked(image, dry_run) as fd:
         image.check_punchable()
-        results, free = _scan(image, bar)
-        report = _reclaim(image, free, fd, dry_run, bar)
+        scan = scan_free_space(image, bar.stage)
+        report = _reclaim(image, scan.free, fd, dry_run, bar)
     not_punched: dict[str, int] = {}
     if report is not None:
         for skip in report.skipped:
@@ -132,7 +132,7 @@ def sparsify_image(
     return SparsifyReport(
         image=str(path),
         format=image.format_name,
-        filesystems=results,
+        filesystems=scan.filesystems,
         punched_bytes=report.punched_bytes if report else 0,
         freed_bytes=report.freed_bytes if report else 0,
         seconds=time.monotonic() - started,
@@ -162,11 +162,35 @@ def _locked(image: Image, dry_run: bool) -> Iterator[int]:
         yield stack.enter_context(hold_for_writing(image.data_file.path))
 
 
-def _scan(image: Image, bar: Stages) -> tuple[list[FilesystemResult], RangeSet]:
-    """Every volume identified and every readable filesystem's free bytes, in disk order."""
+@dataclass(frozen=True)
+class FreeSpaceScan:
+    """What the guest filesystems of an image say is free, read from their structures."""
+
+    #: Every volume, in disk order, with what was found on it.
+    filesystems: list[FilesystemResult]
+    #: Free bytes of the virtual disk (every readable filesystem's, shifted to disk offsets).
+    free: RangeSet
+    #: The bytes of the volumes whose filesystem was read: outside them nothing is known.
+    covered: RangeSet
+
+    @property
+    def skipped(self) -> list[str]:
+        """``"<volume>: <why>"`` for every volume whose free space was not read."""
+        return [f"{f.volume.label}: {f.skipped}" for f in self.filesystems if f.skipped is not None]
+
+
+def scan_free_space(image: Image, stage: Callable[[str], ProgressCallback] | None = None) -> FreeSpaceScan:
+    """Identify every volume of ``image`` and read each readable filesystem's free bytes.
+
+    Used by ``image sparsify`` and by the host daemon's offline mode. Raises an
+    :class:`~vmreclaim.core.errors.ImageError` when a filesystem must not be trusted
+    (a journal that needs recovery), and :class:`~vmreclaim.core.errors.VMReclaimError`
+    when a filesystem driver reports free bytes past the end of its volume.
+    """
     readers = loader.load_all("filesystems", FilesystemReader)
     results: list[FilesystemResult] = []
     free = RangeSet()
+    covered = RangeSet()
     for volume in scan_volumes(image):
         if volume.skip_reason is not None:
             results.append(FilesystemResult(volume, volume.content, None, 0, volume.skip_reason))
@@ -180,12 +204,13 @@ def _scan(image: Image, bar: Stages) -> tuple[list[FilesystemResult], RangeSet]:
                     det.type if det else None,
                     det.block_size if det else None,
                     0,
-                    found.skip_reason,
+                    found.skip_reason or "no filesystem reader",
                     det.label if det else "",
                 )
             )
             continue
-        space = found.reader.free_space(volume, det, bar.stage(f"{volume.label}: {det.type} bitmaps"))
+        progress = stage(f"{volume.label}: {det.type} bitmaps") if stage is not None else None
+        space = found.reader.free_space(volume, det, progress)
         if space.free and int(space.free.ends[-1]) > volume.length:
             # A driver bug, not a property of the image: refuse loudly (exit 1).
             raise VMReclaimError(
@@ -193,10 +218,11 @@ def _scan(image: Image, bar: Stages) -> tuple[list[FilesystemResult], RangeSet]:
                 "free bytes past the end of the volume; nothing was punched"
             )
         free = free.union(space.free.shift(volume.start))
+        covered = covered.union(RangeSet([volume.start], [volume.start + min(volume.length, space.size)]))
         results.append(
             FilesystemResult(volume, det.type, space.block_size, space.free.total, None, det.label)
         )
-    return results, free
+    return FreeSpaceScan(results, free, covered)
 
 
 def _reclaim(image: Image, free: RangeSet, fd: int, dry_run: bool, bar: Stages) -> ReclaimReport | None:
