@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import configparser
+import contextlib
 import json
 import logging
 import os
@@ -101,10 +102,8 @@ def test_pre_handshake_bytes_are_bounded_per_vm(site: Site) -> None:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.connect(str(ch1))
             s.settimeout(0.5)
-            try:
+            with contextlib.suppress(OSError):
                 s.sendall(blob)
-            except OSError:
-                pass
             conns.append(s)
         grown = rss_bytes(proc.proc.pid) - before
 
@@ -158,12 +157,22 @@ def test_two_million_resends_of_one_range_keep_database_and_memory_small(
     total = int(os.environ.get("VMRECLAIM_RESENDS", "2000000"))
     ch1, _ = two_vms(site)
     config = site.config(policy=HOLD)
-    line = json.dumps(
-        {
-            "type": "record",
-            "record": {"v": 1, "vm": "", "disk": "disk0", "ranges": [[4096, 4096]], "bytes": 4096, "seq": 1},
-        }
-    ).encode() + b"\n"
+    line = (
+        json.dumps(
+            {
+                "type": "record",
+                "record": {
+                    "v": 1,
+                    "vm": "",
+                    "disk": "disk0",
+                    "ranges": [[4096, 4096]],
+                    "bytes": 4096,
+                    "seq": 1,
+                },
+            }
+        ).encode()
+        + b"\n"
+    )
 
     async def main() -> tuple[int, int]:
         async with running(config):
@@ -198,7 +207,9 @@ def test_two_million_resends_of_one_range_keep_database_and_memory_small(
     rows = con.execute("SELECT COUNT(*) FROM records").fetchone()[0]
     con.close()
     size = sum(
-        os.path.getsize(f"{config.database}{s}") for s in ("", "-wal") if os.path.exists(f"{config.database}{s}")
+        os.path.getsize(f"{config.database}{s}")
+        for s in ("", "-wal")
+        if os.path.exists(f"{config.database}{s}")
     )
     assert rows == 1
     assert size < 8 * MiB, f"database of {size} bytes"

@@ -12,8 +12,11 @@ questions the rest of vmreclaim asks, and nothing else:
 * :meth:`Image.check_punchable` — whether the image's state allows punching at all
   (a dirty or corrupt qcow2, a VHD with saved state: no).
 
-Drivers never write. Punching, alignment, locking and measuring are the core's
-(:mod:`vmreclaim.core.reclaim`), the same for every format. Every offset and length a
+A driver never writes the image itself. Punching, alignment, locking and measuring are
+the core's (:mod:`vmreclaim.core.reclaim`), the same for every format. The one write a
+driver asks for is :meth:`Image.deep_discard` (capability ``deep_reclaim``, qcow2
+only, offline, after the core's punch): it hands the discards to QEMU's ``qemu-io`` so
+that QEMU, not vmreclaim, rewrites the format's tables. Every offset and length a
 driver reads from an image is untrusted: it goes through :class:`ImageFile`'s
 bounds-checked reads, and anything out of bounds is a :class:`CorruptImageError` that
 names the structure and the offset.

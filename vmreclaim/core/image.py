@@ -18,11 +18,10 @@ import os
 from pathlib import Path
 
 from vmreclaim.core import loader
+from vmreclaim.core.driver import AUTO
 from vmreclaim.core.errors import CorruptImageError, UnsupportedImageError
 from vmreclaim.core.formats import Image, ImageFile, ImageFormat
 
-#: ``format: auto`` / no ``--format``: probe every installed driver (reading only).
-AUTO = "auto"
 #: A backing chain deeper than this is treated as a loop (QEMU's limit is similar).
 MAX_BACKING_DEPTH = 64
 

@@ -69,10 +69,10 @@ class ReclaimPlan:
         reclaim mode (deep discard, a guest trim) may act on, and nothing more."""
         return _guest_pieces(self.data, self.punch)
 
-    def narrowed(self, keep: RangeSet, reason: str) -> ReclaimPlan:
-        """The plan punching only host bytes inside ``keep``; the guest bytes that
+    def narrowed(self, allowed: RangeSet, reason: str) -> ReclaimPlan:
+        """The plan punching only host bytes inside ``allowed``; the guest bytes that
         drop out are skipped with ``reason``."""
-        kept = self.punch.intersect(keep)
+        kept = self.punch.intersect(allowed)
         dropped = _guest_pieces(self.data, self.punch.subtract(kept))
         skipped = self.skipped + [Skip(r.start, r.length, reason) for r in dropped]
         skipped.sort(key=lambda s: s.start)

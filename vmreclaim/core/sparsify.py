@@ -31,10 +31,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vmreclaim.core import loader
+from vmreclaim.core.driver import AUTO
 from vmreclaim.core.errors import ImageBusyError, VMReclaimError
 from vmreclaim.core.filesystems import FilesystemReader, ProgressCallback, identify
 from vmreclaim.core.formats import Image
-from vmreclaim.core.image import AUTO, open_image
+from vmreclaim.core.image import open_image
 from vmreclaim.core.locks import busy_reason, hold_for_writing
 from vmreclaim.core.model import Disk
 from vmreclaim.core.pipeline import Pipeline
@@ -182,10 +183,13 @@ class FreeSpaceScan:
 def scan_free_space(image: Image, stage: Callable[[str], ProgressCallback] | None = None) -> FreeSpaceScan:
     """Identify every volume of ``image`` and read each readable filesystem's free bytes.
 
-    Used by ``image sparsify`` and by the host daemon's offline mode. Raises an
-    :class:`~vmreclaim.core.errors.ImageError` when a filesystem must not be trusted
-    (a journal that needs recovery), and :class:`~vmreclaim.core.errors.VMReclaimError`
-    when a filesystem driver reports free bytes past the end of its volume.
+    The one reader of guest free space offline: ``image sparsify`` and the host
+    daemon's offline reclaim both call it, so both refuse the same damaged filesystems
+    (a driver raises an :class:`~vmreclaim.core.errors.ImageError` when a cross-check
+    fails, a journal needs recovery, ...), every installed reader must load (a broken one
+    raises :class:`~vmreclaim.core.errors.DriverLoadError`, never a silent skip), and a
+    driver reporting free bytes past the end of its volume raises
+    :class:`~vmreclaim.core.errors.VMReclaimError`.
     """
     readers = loader.load_all("filesystems", FilesystemReader)
     results: list[FilesystemResult] = []

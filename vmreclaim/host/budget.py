@@ -50,10 +50,11 @@ class Limits:
     #: size (4 MiB) at once.
     bytes_per_second: float = 2 * 1024 * 1024
     byte_burst: float = 2 * MAX_LINE_BYTES
-    #: Ranges of one VM received but not yet committed.
+    #: Ranges of one VM received but not yet committed; each record counts
+    #: ``RECORD_OVERHEAD_RANGES`` more (its objects), so many one-range records are bounded too.
     inflight_ranges_per_vm: int = 200_000
     #: Pending ranges one disk may hold (memory and database); past it records are nacked.
-    ranges_per_disk: int = 1_000_000
+    ranges_per_disk: int = 250_000
     #: Log lines a VM's channel may cause per minute; the rest are counted, then summed
     #: up in one line. Strings a guest chose are cut to ``log_field_chars``.
     log_lines_per_minute: int = 30
@@ -62,6 +63,33 @@ class Limits:
 
 #: The daemon's limits (tests replace it before starting a daemon).
 DEFAULT_LIMITS = Limits()
+
+#: What a record in flight costs beyond its ranges, counted in ranges (about 1 KiB).
+RECORD_OVERHEAD_RANGES = 64
+
+#: The daemon's own memory with no VM: the interpreter, numpy, pydantic, SQLite's cache,
+#: the thread pools, and the transient objects of parsing one maximal line (a 4 MiB
+#: record of 65,536 ranges is some 40 MiB of Python objects while it is validated; lines
+#: are parsed one at a time on the event loop, so this is paid once per host).
+HOST_BASE_BYTES = 200 * 1024 * 1024
+#: Bytes per pending range of a disk: the merged start/end arrays, a merge's temporary
+#: copies, and the per-record bookkeeping of one-range records (measured, rounded up).
+BYTES_PER_PENDING_RANGE = 160
+
+
+def memory_bound(vms: int, disks_per_vm: int = 1, limits: Limits | None = None) -> int:
+    """The daemon's resident memory bound for ``vms`` VMs whatever their guests send
+    (docs/host.md, *Budgets*; measured by tests/host/test_hostile_guests.py).
+
+    Per VM: its connections' stream buffers (asyncio pauses a socket at twice the 4 MiB
+    line limit, plus the line being split), its ranges in flight, its disks' pending
+    ranges; per host: :data:`HOST_BASE_BYTES`.
+    """
+    lim = limits or DEFAULT_LIMITS
+    buffers = lim.connections_per_vm * 3 * MAX_LINE_BYTES
+    inflight = lim.inflight_ranges_per_vm * 16 * 3
+    pending = disks_per_vm * lim.ranges_per_disk * BYTES_PER_PENDING_RANGE
+    return HOST_BASE_BYTES + vms * (buffers + inflight + pending)
 
 
 class TokenBucket:
@@ -126,12 +154,12 @@ class VMBudget:
             await asyncio.sleep(wait)
 
     def hold(self, ranges: int) -> None:
-        """``ranges`` were handed to the committer."""
-        self.inflight_ranges += ranges
+        """A record of ``ranges`` ranges was handed to the committer."""
+        self.inflight_ranges += ranges + RECORD_OVERHEAD_RANGES
 
     def release(self, ranges: int) -> None:
-        """``ranges`` were committed (or failed)."""
-        self.inflight_ranges -= ranges
+        """A record of ``ranges`` ranges was committed (or failed)."""
+        self.inflight_ranges -= ranges + RECORD_OVERHEAD_RANGES
         if self._room is not None and self.inflight_ranges <= self.limits.inflight_ranges_per_vm // 2:
             self._room.set()
 

@@ -44,6 +44,7 @@ from vmreclaim.core.policies import Policy
 from vmreclaim.host.bookkeeping import ReclaimBook
 from vmreclaim.host.budget import raise_nofile_limit
 from vmreclaim.host.disks import DiskRuntime
+from vmreclaim.host.formats import FormatLedger
 from vmreclaim.host.images import ImageOpener
 from vmreclaim.host.ingest import Committer
 from vmreclaim.host.intake import Intake
@@ -134,6 +135,8 @@ class HostDaemon:
         """Open the database, list the VMs, listen on every channel; raise if unusable."""
         cfg = self.config
         store = self.store = await self._db_call(DeletionStore, cfg.database)
+        # Formats once seen are kept across restarts (vmreclaim.host.formats).
+        self.images.use_ledger(await self._db_call(FormatLedger, cfg.database))
         try:
             infos = await self._thread(self.hypervisor.vms)
         except HypervisorError:
@@ -268,6 +271,7 @@ class HostDaemon:
             with contextlib.suppress(Exception):
                 await self._db_call(self.store.save_policy, cfg.policy.driver, self.policy.state())
             await self._db_call(self.store.close)
+        self.images.close()
         with contextlib.suppress(Exception):
             self.hypervisor.close()
         self._db.shutdown(wait=True)

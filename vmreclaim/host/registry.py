@@ -216,7 +216,7 @@ class VMRegistry:
         if old is not None and old is not session and not old.closed:
             self._spawn(old.close("replaced by a newer connection"), f"close:{session.name}")
         self._count_agents()
-        self._scheduler.mark(d.key for d in vmrt.info.disks)
+        self._scheduler.mark((d.key for d in vmrt.info.disks), retry_now=True)
 
     def detach(self, session: AgentSession) -> None:
         vmrt = self.vms.get(session.name)

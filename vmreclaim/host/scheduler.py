@@ -104,8 +104,22 @@ class Scheduler:
         if rt is not None and rt.pending:
             self.orphans[key] = rt.pending
 
-    def mark(self, keys: Iterable[str]) -> None:
-        """Decide about these disks soon (their records or their agent changed)."""
+    def mark(self, keys: Iterable[str], *, retry_now: bool = False) -> None:
+        """Decide about these disks soon (their records or their agent changed).
+
+        ``retry_now``: what made their last attempts fail may be gone (an agent has
+        just connected), so their retry backoff is forgotten. Without it, after a
+        daemon restart the attempts made before the agent was back (postponed: no
+        agent) had grown the backoff, and the reclaim waited it out with the agent
+        there (issue 11 item 8).
+        """
+        keys = list(keys)
+        if retry_now:
+            for key in keys:
+                rt = self.disks.get(key)
+                if rt is not None:
+                    rt.failures = 0
+                    rt.retry_at = 0.0
         self._dirty.update(keys)
         self._poke.set()
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import re
 import stat
-import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,11 +36,9 @@ import numpy.typing as npt
 from vmreclaim.core.errors import (
     CorruptImageError,
     DriverError,
-    ImageBusyError,
     ImageError,
     UnsupportedImageError,
     UsageError,
-    VMReclaimError,
 )
 from vmreclaim.core.extents import NO_OFFSET, ExtentKind, ExtentMap, trim_to_window
 from vmreclaim.core.formats import (
@@ -55,6 +52,8 @@ from vmreclaim.core.formats import (
 from vmreclaim.core.ranges import ByteRange, RangeSet
 from vmreclaim.plugins.formats import _qcow2_header as hdr
 from vmreclaim.plugins.formats._qcow2_check import check_consistency
+from vmreclaim.plugins.formats._qcow2_compress import decompress
+from vmreclaim.plugins.formats._qcow2_deep import discard_clusters
 from vmreclaim.plugins.formats._qcow2_header import Header
 
 U64 = npt.NDArray[np.uint64]
@@ -64,10 +63,6 @@ I64 = npt.NDArray[np.int64]
 _BATCH_ENTRIES = 1 << 20
 #: Bytes of L2 tables kept between calls (``Image.read`` asks many small windows).
 _L2_CACHE_BYTES = 32 * 1024 * 1024
-#: ``qemu-io discard`` refuses requests above about 2 GiB; we send at most this.
-_DISCARD_PIECE = 1 << 30
-#: Discard commands per ``qemu-io`` run (each run re-opens the image).
-_DISCARD_BATCH = 4096
 
 _DATA, _SHARED, _COMPRESSED, _ZERO, _UNALLOC = (
     np.uint8(ExtentKind.DATA),
@@ -207,7 +202,13 @@ class Qcow2Image(Image):
             )
         self.metadata_ranges()  # validates that no two structures overlap
         # What `qemu-img check` counts as an error: refcounts, COPIED flags, past EOF.
-        check_consistency(self, self.file.path, self.file.size, external_data=self._data_file is not None)
+        check_consistency(
+            self,
+            self.file.path,
+            self.file.size,
+            external_data=self._data_file is not None,
+            extended_l2=self.header.extended_l2,
+        )
         if self._data_file is not None:
             self._check_data_file()
 
@@ -273,7 +274,7 @@ class Qcow2Image(Image):
                     f"{self.file.path}: qcow2 guest cluster {c} at {c * self._cs:#x} is not compressed "
                     "(the image changed while it was read?)"
                 )
-            data = self._decompress(entry, c)
+            data = decompress(self.file, self.header, entry, c)
             lo, hi = max(start, c * self._cs), min(end, (c + 1) * self._cs)
             out[lo - start : hi - start] = data[lo - c * self._cs : hi - c * self._cs]
         return bytes(out)
@@ -293,55 +294,13 @@ class Qcow2Image(Image):
         return None
 
     def deep_discard(self, guest_ranges: RangeSet) -> None:
-        """Discard every whole cluster inside ``guest_ranges`` through ``qemu-io``.
-
-        QEMU then marks the clusters zero in the L2 tables, drops their refcounts and
-        punches what becomes free (``-d unmap``), so QEMU reuses those clusters instead
-        of growing the file. Only whole clusters can be discarded (QEMU ignores partial
-        ones); the final partial cluster of a disk whose size is not a multiple of the
-        cluster size counts as whole.
-        """
+        """Discard every whole cluster inside ``guest_ranges`` through ``qemu-io``
+        (:func:`._qcow2_deep.discard_clusters`), then read the tables again."""
         reason = self.deep_reclaim_refusal()
         if reason is not None:
             raise UnsupportedImageError(f"{self.file.path}: {reason}")
-        cs, size = self._cs, self.virtual_size
-        ranges = guest_ranges.clip(ByteRange(0, size))
-        starts = -(-ranges.starts // cs) * cs
-        ends = np.where(ranges.ends >= size, size, (ranges.ends // cs) * cs)
-        keep = ends > starts
-        commands: list[str] = []
-        for s, e in zip(starts[keep].tolist(), ends[keep].tolist(), strict=True):
-            for piece in range(s, e, _DISCARD_PIECE):
-                commands.append(f"discard {piece} {min(_DISCARD_PIECE, e - piece)}")
-        for i in range(0, len(commands), _DISCARD_BATCH):
-            self._qemu_io(commands[i : i + _DISCARD_BATCH])
+        discard_clusters(self.file.path, self._cs, self.virtual_size, guest_ranges)
         self.refresh()
-
-    def _qemu_io(self, commands: list[str]) -> None:
-        import subprocess  # deep mode only: keep `image map` start-up lean
-
-        argv = ["qemu-io", "-f", "qcow2", "-d", "unmap", str(self.file.path)]
-        try:
-            proc = subprocess.run(
-                argv,
-                input="\n".join(commands) + "\n",
-                capture_output=True,
-                text=True,
-                timeout=3600,
-                check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise VMReclaimError(f"{self.file.path}: qemu-io failed to run: {exc}") from exc
-        output = proc.stdout + proc.stderr
-        if re.search(r'Failed to get "?write"? lock|Is another process using the image', output):
-            raise ImageBusyError(
-                f"{self.file.path}: image is busy: another process holds it (qemu-io: "
-                f"{output.strip().splitlines()[0]}); the punch was done, the deep discard was not"
-            )
-        failed = [line for line in output.splitlines() if "failed" in line or "error" in line.lower()]
-        if proc.returncode != 0 or failed:
-            detail = (failed or output.strip().splitlines() or [f"exit {proc.returncode}"])[0]
-            raise ImageError(f"{self.file.path}: qemu-io discard failed: {detail}")
 
     # -- tables ------------------------------------------------------------------------------------
 
@@ -726,51 +685,6 @@ class Qcow2Image(Image):
                 f"{names[i]} at {int(s[i]):#x}"
             )
         return RangeSet(s, s + n)
-
-    # -- compressed clusters ---------------------------------------------------------------------
-
-    def _decompress(self, entry: int, cluster: int) -> bytes:
-        cs, cb = self._cs, self._cb
-        nb_bits = cb - 8
-        shift = 62 - nb_bits
-        coff = entry & ((1 << shift) - 1)
-        nsec = ((entry >> shift) & ((1 << nb_bits) - 1)) + 1
-        end = min((coff & ~511) + nsec * 512, self.file.size)
-        where = f"compressed guest cluster {cluster} (host {coff:#x})"
-        if coff >= end:
-            raise CorruptImageError(f"{self.file.path}: qcow2 {where} lies past end of file")
-        raw = self.file.read(coff, end - coff, f"qcow2 {where}")
-        if self.header.compression_type == 1:
-            data = _zstd_decompress(raw, cs, self.file.path, where)
-        else:
-            try:
-                d = zlib.decompressobj(-15)
-                data = d.decompress(raw, cs)
-            except zlib.error as exc:
-                raise CorruptImageError(f"{self.file.path}: qcow2 {where}: bad deflate data: {exc}") from exc
-        if len(data) != cs:
-            raise CorruptImageError(
-                f"{self.file.path}: qcow2 {where} decompresses to {len(data)} bytes, not {cs}"
-            )
-        return data
-
-
-def _zstd_decompress(raw: bytes, size: int, path: Path, where: str) -> bytes:
-    try:
-        import zstandard
-    except ImportError:
-        raise UnsupportedImageError(
-            f"{path}: qcow2 {where} is zstd-compressed; reading it needs the Python module "
-            "'zstandard' (pip install zstandard)"
-        ) from None
-    import io
-
-    try:
-        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw), read_across_frames=False)
-        return bytes(reader.read(size))
-    except zstandard.ZstdError as exc:
-        raise CorruptImageError(f"{path}: qcow2 {where}: bad zstd data: {exc}") from exc
-
 
 class Qcow2Format(ImageFormat):
     """Driver ``qcow2``: QEMU's copy-on-write format, versions 2 and 3."""
