@@ -42,7 +42,7 @@ from vmreclaim.core.errors import CorruptImageError, ImageError, UnsupportedImag
 from vmreclaim.core.extents import ExtentKind, ExtentMap
 from vmreclaim.core.lease import Lease
 from vmreclaim.core.locks import busy_reason, hold_for_writing
-from vmreclaim.core.punch import PunchResult, allocated_bytes, host_block_size, punch_holes
+from vmreclaim.core.punch import PunchResult, allocated_bytes, held_ranges, host_block_size, punch_holes
 from vmreclaim.core.ranges import ByteRange, RangeSet
 
 _BLKGETSIZE64 = 0x80081272
@@ -195,6 +195,11 @@ class ImageFile:
     def punch_block_size(self, fd: int) -> int:
         """The unit a punch frees (the host filesystem's block)."""
         return host_block_size(fd)
+
+    def held(self, fd: int, window: ByteRange) -> RangeSet:
+        """The host byte ranges inside ``window`` that hold storage now: what a punch
+        of them would free (FIEMAP on a local file, unwritten extents included)."""
+        return held_ranges(fd, window)
 
     def punchable(self, ranges: RangeSet, block_size: int) -> RangeSet:
         """The parts of host ``ranges`` a punch may be asked to free without touching a

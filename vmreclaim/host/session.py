@@ -61,7 +61,7 @@ from vmreclaim.core.transports import MAX_LINE_BYTES
 from vmreclaim.host.budget import DEFAULT_LIMITS, VMBudget
 from vmreclaim.host.logs import event, guest_event
 
-#: An agent must say hello this soon after connecting.
+#: After this long without a hello the host says (once) that it is still waiting.
 HELLO_TIMEOUT = 30.0
 #: A session that sends this many bad lines in a row is dropped.
 MAX_BAD_LINES = 32
@@ -221,14 +221,20 @@ class AgentSession:
         return await read_line(self.reader, sender=f"agent of VM {self.name}", on_partial=partial)
 
     async def _handshake(self) -> bool:
+        # A silent channel is a guest still booting (QEMU's end of a virtio-serial port
+        # is there from the VM's start), not hostile input: wait for it without counting
+        # a rejection, and say once that it is slow. A guest can only hold its own channel.
+        slow = asyncio.get_running_loop().call_later(
+            HELLO_TIMEOUT,
+            lambda: event(logging.INFO, "agent.waiting_for_hello", vm=self.name, seconds=HELLO_TIMEOUT),
+        )
         try:
-            line = await asyncio.wait_for(self._next_line(), HELLO_TIMEOUT)
-        except TimeoutError:
-            self._refuse(f"no hello within {HELLO_TIMEOUT:.0f}s")
-            return False
+            line = await self._next_line()
         except ProtocolError as exc:
             self._refuse(str(exc))
             return False
+        finally:
+            slow.cancel()
         if line is None:
             return False
         await self.budget.pace(len(line))
