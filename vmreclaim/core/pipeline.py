@@ -114,7 +114,8 @@ class Pipeline:
         with holder as write_fd:
             # Only bytes the file holds are punched and counted: a dry run then reports
             # what a real run frees, and ranges punched before do not count twice.
-            plan = only_allocated(self.translate(disk, image, ranges, write_fd, lease), write_fd)
+            translated = self.translate(disk, image, ranges, write_fd, lease)
+            plan = only_allocated(translated, write_fd, image.data_file)
             if dry_run:
                 punched, freed = plan.punch_bytes, 0
             else:
