@@ -192,14 +192,13 @@ class ImageFile:
         or raises :class:`~vmreclaim.core.errors.ImageBusyError` with nothing written."""
         return hold_for_writing(self.path)
 
+    def held(self, fd: int, window: ByteRange) -> RangeSet:
+        """The byte ranges inside ``window`` that this storage holds (what a punch frees)."""
+        return held_ranges(fd, window)
+
     def punch_block_size(self, fd: int) -> int:
         """The unit a punch frees (the host filesystem's block)."""
         return host_block_size(fd)
-
-    def held(self, fd: int, window: ByteRange) -> RangeSet:
-        """The host byte ranges inside ``window`` that hold storage now: what a punch
-        of them would free (FIEMAP on a local file, unwritten extents included)."""
-        return held_ranges(fd, window)
 
     def punchable(self, ranges: RangeSet, block_size: int) -> RangeSet:
         """The parts of host ``ranges`` a punch may be asked to free without touching a

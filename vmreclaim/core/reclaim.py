@@ -83,6 +83,7 @@ def only_allocated(plan: ReclaimPlan, file: ImageFile, fd: int) -> ReclaimPlan:
 
     What is left is what a punch frees: a dry run reports it, ``punched_bytes`` counts
     it, and the host daemon does not raise a fence for a request that keeps nothing.
+    ``file`` (the image's data file) answers for storage that is not a local file.
     """
     if not plan.punch:
         return plan

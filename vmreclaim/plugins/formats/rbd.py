@@ -317,6 +317,9 @@ class RbdFile(ImageFile):
             with contextlib.suppress(rados.Error, rbd.Error):
                 writer.close()  # releases the lock
 
+    def held(self, fd: int, window: ByteRange) -> RangeSet:
+        return self.extents(window, None)  # whole objects: a tail's object is held
+
     def punch_block_size(self, fd: int) -> int:
         return self.object_size
 
@@ -333,11 +336,6 @@ class RbdFile(ImageFile):
         stops = np.where(ends >= self.size, ends, (ends // obj) * obj)
         keep = stops > starts
         return RangeSet(starts[keep], stops[keep])
-
-    def held(self, fd: int, window: ByteRange) -> RangeSet:
-        # Counted as held whole: librbd's diff would name the objects, but an object that
-        # holds nothing costs a discard no more than a no-op, and nothing is ever dropped.
-        return RangeSet([window.start], [window.end]) if window.length else RangeSet()
 
     def punch(self, fd: int, ranges: RangeSet, lease: Lease | None) -> PunchResult:
         if self._writer is None:
