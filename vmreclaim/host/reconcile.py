@@ -50,7 +50,7 @@ def intersect(image: Image, free: RangeSet) -> Reconciled:
     return Reconciled(
         reclaimable=reclaimable,
         free_bytes=free.total,
-        allocated_bytes=image.allocated_bytes,
+        allocated_bytes=image.allocated_bytes(),
         virtual_bytes=size,
         seconds=time.monotonic() - started,
     )
