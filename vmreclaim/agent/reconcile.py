@@ -18,13 +18,17 @@ This runs in a worker thread: GETFSMAP over a fragmented 1 TiB filesystem takes 
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 from vmreclaim.agent.filesystems import WatchedFs, verify
 from vmreclaim.core import freespace
+from vmreclaim.core.freespace import FreeSpace, Reconcile
 from vmreclaim.core.pipeline import Pipeline
 from vmreclaim.core.ranges import ByteRange, RangeSet
+
+log = logging.getLogger("vmreclaim.agent")
 
 
 @dataclass(frozen=True)
@@ -70,3 +74,32 @@ def reconcile_disk(
     free = free_space_of(fss, pipeline, frozen=frozen)
     encoded = freespace.encode(free)
     return DiskFreeSpace(disk, encoded, mounts, skipped, time.monotonic() - started)
+
+
+def answer(request: Reconcile, fss: list[WatchedFs] | None, pipeline: Pipeline) -> list[FreeSpace]:
+    """The ``free_space`` messages that answer ``request`` (run it in a worker thread).
+
+    ``fss`` are the filesystems the agent watches on the asked disk (``None``: it
+    watches none there). Failures are answered, never raised: the host waits.
+    """
+    if not fss:
+        return [FreeSpace(id=request.id, disk=request.disk, chunk=0, chunks=0, error="disk not watched")]
+    try:
+        report = reconcile_disk(request.disk, fss, pipeline)
+    except OSError as exc:
+        log.warning("reconciliation %d of %s failed: %s", request.id, request.disk, exc)
+        error = f"listing free space failed: {exc}"[:1024]
+        return [FreeSpace(id=request.id, disk=request.disk, chunk=0, chunks=0, error=error)]
+    enc = report.encoded
+    log.info(
+        "reconciliation %d of %s: %d free ranges, %d bytes, %d chunks, %.2fs%s%s",
+        request.id,
+        request.disk,
+        enc.total_ranges,
+        enc.total_bytes,
+        len(enc.chunks),
+        report.seconds,
+        f"; {enc.dropped} smallest ranges left out (cap)" if enc.partial else "",
+        f"; skipped {', '.join(report.skipped)}" if report.skipped else "",
+    )
+    return freespace.messages(request, enc)

@@ -33,9 +33,11 @@ import base64
 import binascii
 import zlib
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field
 
 from vmreclaim.core.errors import ProtocolError
 from vmreclaim.core.ranges import Int64Array, RangeSet
@@ -81,6 +83,67 @@ class Encoded:
     @property
     def partial(self) -> bool:
         return self.dropped > 0
+
+
+# -- the two messages (protocol version 2; vmreclaim.core.protocol puts them in its unions) --
+
+
+class Reconcile(BaseModel):
+    """Host → agent: send the whole free space of ``disk`` (answered by ``free_space``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["reconcile"] = "reconcile"
+    #: Chosen by the host, unique on the connection; echoed by every answering chunk.
+    id: int = Field(ge=0)
+    disk: str = Field(min_length=1, max_length=256)
+
+
+class FreeSpace(BaseModel):
+    """Agent → host: chunk ``chunk`` of ``chunks`` of a disk's free space.
+
+    ``chunks == 0`` (one message, ``chunk`` 0, no data) is an answer without ranges:
+    nothing is free, or ``error`` says why the agent could not tell.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["free_space"] = "free_space"
+    id: int = Field(ge=0)
+    disk: str = Field(min_length=1, max_length=256)
+    chunk: int = Field(ge=0, lt=MAX_CHUNKS)
+    chunks: int = Field(ge=0, le=MAX_CHUNKS)
+    unit: int = Field(default=MAX_UNIT, ge=MIN_UNIT, le=MAX_UNIT)
+    ranges: int = Field(default=0, ge=0, le=MAX_CHUNK_RANGES)
+    bytes: int = Field(default=0, ge=0, le=2**63 - 1)
+    data: str = Field(default="", max_length=MAX_CHUNK_TEXT)
+    #: The agent dropped its smallest free ranges to stay under MAX_FREE_RANGES.
+    partial: bool = False
+    error: str | None = Field(default=None, max_length=1024)
+
+    def as_chunk(self) -> Chunk:
+        return Chunk(self.unit, self.ranges, self.bytes, self.data)
+
+
+def messages(request: Reconcile, encoded: Encoded) -> list[FreeSpace]:
+    """The ``free_space`` answer to ``request``: one message per chunk (at least one)."""
+    n = len(encoded.chunks)
+    if n == 0:
+        return [FreeSpace(id=request.id, disk=request.disk, chunk=0, chunks=0)]
+    return [
+        FreeSpace(
+            id=request.id,
+            disk=request.disk,
+            chunk=i,
+            chunks=n,
+            unit=c.unit,
+            ranges=c.ranges,
+            bytes=c.bytes,
+            data=c.data,
+            partial=encoded.partial,
+        )
+        for i, c in enumerate(encoded.chunks)
+    ]
 
 
 def _unit_of(ranges: RangeSet) -> int:

@@ -16,11 +16,15 @@ the operator's request.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import time
 from dataclasses import dataclass, field
 
+from vmreclaim.core.errors import ProtocolError
 from vmreclaim.core.extents import ExtentKind
 from vmreclaim.core.formats import Image
+from vmreclaim.core.freespace import FreeSpace, FreeSpaceDecoder, Reconcile
 from vmreclaim.core.model import DeletionRecord
 from vmreclaim.core.ranges import ByteRange, RangeSet
 
@@ -112,3 +116,104 @@ class ReconcileClock:
         ):
             return "growth"
         return None
+
+
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class FreeSpaceAnswer:
+    """A complete, validated ``free_space`` answer (disk bytes)."""
+
+    disk: str
+    free: RangeSet
+    partial: bool
+
+
+@dataclass
+class _Open:
+    disk: str
+    disk_size: int
+    future: asyncio.Future[FreeSpaceAnswer]
+    decoder: FreeSpaceDecoder | None = None
+
+
+class FreeSpaceCollector:
+    """The reconciliations asked on one agent connection, reassembled chunk by chunk.
+
+    At most one per disk is open (a second ask for the same disk joins the first), and
+    each holds at most one decoder, which bounds what a guest can make the host keep
+    (:data:`~vmreclaim.core.freespace.MAX_FREE_RANGES` ranges per disk).
+    """
+
+    def __init__(self) -> None:
+        self._open: dict[int, _Open] = {}
+
+    def ask(self, disk: str, disk_size: int) -> tuple[Reconcile | None, asyncio.Future[FreeSpaceAnswer]]:
+        """A ``reconcile`` to send (``None``: one is already open for ``disk``) and the
+        future of its answer."""
+        for item in self._open.values():
+            if item.disk == disk:
+                return None, item.future
+        rid = next(_ids)
+        future: asyncio.Future[FreeSpaceAnswer] = asyncio.get_running_loop().create_future()
+        self._open[rid] = _Open(disk, disk_size, future)
+        return Reconcile(id=rid, disk=disk), future
+
+    def received(self, msg: FreeSpace) -> str | None:
+        """Take one chunk; a refusal to count against the VM, or ``None``.
+
+        A chunk that does not validate fails the whole reconciliation (its other chunks
+        are dropped): nothing of a half-valid answer is used.
+        """
+        item = self._open.get(msg.id)
+        if item is None:
+            return f"free_space for reconciliation {msg.id}, which this host did not ask (or gave up on)"
+        if msg.disk != item.disk:
+            return self._fail(msg.id, f"free_space {msg.id} names disk {msg.disk!r}, asked for {item.disk!r}")
+        if msg.error is not None:
+            return self._fail(
+                msg.id, f"the agent could not list the free space of {item.disk!r}: {msg.error}"
+            )
+        try:
+            if msg.chunks == 0:
+                if msg.chunk != 0 or msg.ranges or msg.data:
+                    raise ProtocolError(f"free space of disk {item.disk!r}: data in an answer of 0 chunks")
+                self._done(msg.id, FreeSpaceAnswer(item.disk, RangeSet(), msg.partial))
+                return None
+            if item.decoder is None:
+                item.decoder = FreeSpaceDecoder(disk=item.disk, disk_size=item.disk_size, chunks=msg.chunks)
+            elif msg.chunks != item.decoder.expected:
+                raise ProtocolError(
+                    f"free space of disk {item.disk!r}: chunk {msg.chunk} says {msg.chunks} chunks, "
+                    f"the first said {item.decoder.expected}"
+                )
+            item.decoder.add(msg.chunk, msg.as_chunk())
+            if item.decoder.complete:
+                self._done(msg.id, FreeSpaceAnswer(item.disk, item.decoder.result(), msg.partial))
+        except ProtocolError as exc:
+            return self._fail(msg.id, str(exc))
+        return None
+
+    def _done(self, rid: int, answer: FreeSpaceAnswer) -> None:
+        item = self._open.pop(rid)
+        if not item.future.done():
+            item.future.set_result(answer)
+
+    def _fail(self, rid: int, why: str) -> str:
+        item = self._open.pop(rid)
+        if not item.future.done():
+            item.future.set_exception(ProtocolError(why))
+        return why
+
+    def abandon(self, future: asyncio.Future[FreeSpaceAnswer]) -> None:
+        """Forget the request behind ``future`` (timed out): later chunks are refused."""
+        for rid, item in list(self._open.items()):
+            if item.future is future:
+                del self._open[rid]
+
+    def close(self, why: str) -> None:
+        for rid in list(self._open):
+            item = self._open.pop(rid)
+            if not item.future.done():
+                item.future.set_exception(ConnectionError(why))
