@@ -74,6 +74,8 @@ class DiskReconcile:
 
     #: Wall time of the last completed reconciliation, and its result.
     last_at: float | None = None
+    #: Free in the guest ∩ this file's data, as of ``last_at`` (guest bytes).
+    reclaimable: RangeSet = field(default_factory=RangeSet)
     reclaimable_bytes: int = 0
     free_bytes: int = 0
     #: Allocated bytes of the image when the last reconciliation was asked.
@@ -83,7 +85,6 @@ class DiskReconcile:
     wanted: str | None = None
     #: Monotonic time of the last request, for the interval timer.
     asked_mono: float | None = None
-    waiters: list[object] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
