@@ -279,9 +279,9 @@ def test_status_shows_pending_per_disk(site: Site) -> None:
 
 
 def test_a_disk_with_a_full_backlog_refuses_more(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
-    from vmreclaim.host import daemon as daemon_mod
+    from vmreclaim.host import scheduler as scheduler_mod
 
-    monkeypatch.setattr(daemon_mod, "MAX_PENDING_RANGES", 10)
+    monkeypatch.setattr(scheduler_mod, "MAX_PENDING_RANGES", 10)
     ch, _ = two_vms(site)
     config = site.config(policy=HOLD)
 

@@ -12,6 +12,9 @@ in ``docs/architecture.md``)::
                                                     5 reclaim   vmreclaim_reclaim_punch
                                                                 vmreclaim_reclaim_done (observe)
 
+Outside the pipeline, ``vmreclaim_cli_add_commands`` lets a plugin (a driver's companion
+module, say) add its own subcommands to the ``vmreclaim`` command line.
+
 Rules every hook follows:
 
 * Hooks are called with keyword arguments only, and specs only ever *gain* parameters:
@@ -33,6 +36,8 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    import argparse
+
     from vmreclaim.core.formats import Image
     from vmreclaim.core.model import DeletionRecord, Disk, VMIdentity
     from vmreclaim.core.policies import Decision
@@ -208,6 +213,30 @@ def vmreclaim_reclaim_done(disk: Disk, report: ReclaimReport) -> None:
     :param disk: The disk that was reclaimed.
     :param report: The outcome.
     :returns: Nothing; results are ignored.
+
+    .. versionadded:: 0.1
+    """
+
+
+# -- outside the pipeline: the command line ---------------------------------------------
+
+
+@hookspec
+def vmreclaim_cli_add_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    """Add subcommands to the ``vmreclaim`` command line.
+
+    Called once by the CLI while it builds its parser, after its own commands. An
+    implementation calls ``commands.add_parser(...)`` and hands the chosen parser a
+    function with :func:`vmreclaim.core.commands.set_command`; that function returns a
+    :class:`~vmreclaim.core.commands.CommandOutput`, which the CLI prints (JSON with
+    ``--json``, text otherwise) so every byte of output stays in the CLI.
+
+    :param commands: The ``vmreclaim`` top-level subparsers.
+    :returns: Nothing; results are ignored. Every implementation is called.
+
+    Wrappers are not expected.
 
     .. versionadded:: 0.1
     """

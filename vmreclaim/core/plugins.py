@@ -8,6 +8,7 @@ hook implementation fails at start, not silently.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterable
 from typing import Any
 
@@ -85,6 +86,11 @@ class Plugins:
 
     def reclaim_done(self, *, disk: Disk, report: ReclaimReport) -> None:
         self._hook.vmreclaim_reclaim_done(disk=disk, report=report)
+
+    # -- outside the pipeline ------------------------------------------------------------
+
+    def cli_add_commands(self, *, commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+        self._hook.vmreclaim_cli_add_commands(commands=commands)
 
 
 def _narrow(ranges: RangeSet, answers: list[RangeSet | None]) -> RangeSet:

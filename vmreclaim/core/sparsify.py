@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from vmreclaim.core import loader
 from vmreclaim.core.errors import ImageBusyError, VMReclaimError
@@ -40,7 +40,6 @@ from vmreclaim.core.model import Disk
 from vmreclaim.core.pipeline import Pipeline
 from vmreclaim.core.ranges import RangeSet
 from vmreclaim.core.reclaim import ReclaimReport
-from vmreclaim.core.units import human_bytes
 from vmreclaim.core.volumes import Volume, scan_volumes
 
 
@@ -101,54 +100,17 @@ class SparsifyReport:
             "skipped": [{"reason": r, "bytes": n} for r, n in sorted(self.not_punched.items())],
         }
 
-    def print_human(self, console: Any) -> None:
-        from rich.table import Table
 
-        table = Table(title=f"{self.image} ({self.format})")
-        for col, right in (
-            ("partition", False),
-            ("start", True),
-            ("size", True),
-            ("type", False),
-            ("block", True),
-            ("free", True),
-            ("status", False),
-        ):
-            table.add_column(col, justify="right" if right else "left")
-        for f in self.filesystems:
-            v = f.volume
-            table.add_row(
-                v.label,
-                str(v.start),
-                human_bytes(v.length),
-                f.type or "?",
-                str(f.block_size or ""),
-                human_bytes(f.free_bytes) if f.skipped is None else "",
-                f"skipped: {f.skipped}" if f.skipped else "read",
-            )
-        console.print(table)
-        verb = "would punch" if self.dry_run else "punched"
-        line = f"free {human_bytes(self.free_bytes)}, {verb} {human_bytes(self.punched_bytes)}"
-        if not self.dry_run:
-            line += f", freed {human_bytes(self.freed_bytes)} of host storage"
-        console.print(f"{line} in {self.seconds:.2f} s")
-        for reason, n in sorted(self.not_punched.items()):
-            why = _REASONS.get(reason, reason)
-            console.print(f"  free but not punched: {human_bytes(n)} {why}")
+class Stages(Protocol):
+    """Where sparsify reports its progress (the CLI draws a bar; the core draws nothing)."""
 
-
-#: What each skip reason of the reclaim plan means to someone reading the summary.
-_REASONS = {
-    "zero": "already reads as zeros (holes or zero clusters)",
-    "unallocated": "not stored in this image (holes, or data of its backing file)",
-    "partial-block": "shares a host block with data in use",
-    "shared": "in clusters shared with a snapshot",
-    "compressed": "in compressed clusters",
-}
+    def stage(self, description: str, *, pulse: bool = False) -> ProgressCallback:
+        """A ``(done, total)`` callback for a new stage; ``pulse`` when the total is unknown."""
+        ...
 
 
 def sparsify_image(
-    path: str | os.PathLike[str], format: str = AUTO, *, dry_run: bool = False, progress: bool = False
+    path: str | os.PathLike[str], format: str = AUTO, *, dry_run: bool = False, progress: Stages | None = None
 ) -> SparsifyReport:
     """Find the free blocks of every supported filesystem in the image and punch them.
 
@@ -158,7 +120,8 @@ def sparsify_image(
     nothing is written.
     """
     started = time.monotonic()
-    with _Progress(progress) as bar, open_image(path, format) as image, _locked(image, dry_run) as fd:
+    bar = progress if progress is not None else _Silent()
+    with open_image(path, format) as image, _locked(image, dry_run) as fd:
         image.check_punchable()
         results, free = _scan(image, bar)
         report = _reclaim(image, free, fd, dry_run, bar)
@@ -199,7 +162,7 @@ def _locked(image: Image, dry_run: bool) -> Iterator[int]:
         yield stack.enter_context(hold_for_writing(image.data_file.path))
 
 
-def _scan(image: Image, bar: _Progress) -> tuple[list[FilesystemResult], RangeSet]:
+def _scan(image: Image, bar: Stages) -> tuple[list[FilesystemResult], RangeSet]:
     """Every volume identified and every readable filesystem's free bytes, in disk order."""
     readers = loader.load_all("filesystems", FilesystemReader)
     results: list[FilesystemResult] = []
@@ -236,7 +199,7 @@ def _scan(image: Image, bar: _Progress) -> tuple[list[FilesystemResult], RangeSe
     return results, free
 
 
-def _reclaim(image: Image, free: RangeSet, fd: int, dry_run: bool, bar: _Progress) -> ReclaimReport | None:
+def _reclaim(image: Image, free: RangeSet, fd: int, dry_run: bool, bar: Stages) -> ReclaimReport | None:
     if not free:
         return None
     disk = Disk(vm="", id=Path(image.file.path).name, path=Path(image.file.path), format=image.format_name)
@@ -246,53 +209,11 @@ def _reclaim(image: Image, free: RangeSet, fd: int, dry_run: bool, bar: _Progres
     return report
 
 
-class _Progress:
-    """A rich progress bar on stderr when asked for and stderr is a terminal."""
-
-    def __init__(self, enabled: bool) -> None:
-        self._bar: Any = None
-        if enabled:
-            from rich.console import Console
-
-            console = Console(stderr=True)
-            if console.is_terminal:
-                from rich.progress import (
-                    BarColumn,
-                    Progress,
-                    TaskProgressColumn,
-                    TextColumn,
-                    TimeElapsedColumn,
-                )
-
-                self._bar = Progress(
-                    TextColumn("{task.description}"),
-                    BarColumn(),
-                    TaskProgressColumn(),
-                    TimeElapsedColumn(),
-                    console=console,
-                    transient=False,
-                )
-
-    def __enter__(self) -> _Progress:
-        if self._bar is not None:
-            self._bar.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
+class _Silent:
+    """No progress to show."""
 
     def stage(self, description: str, *, pulse: bool = False) -> ProgressCallback:
-        """A callback ``(done, total)`` that moves a new task of the bar."""
-        if self._bar is None:
-            return _ignore
-        bar = self._bar
-        task = bar.add_task(description, total=None if pulse else 1)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        return update
+        return _ignore
 
 
 def _ignore(done: int, total: int) -> None:

@@ -33,9 +33,9 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from vmreclaim.core import loader
 from vmreclaim.core.errors import (
@@ -47,46 +47,54 @@ from vmreclaim.core.errors import (
 )
 from vmreclaim.core.formats import Image
 from vmreclaim.core.hypervisors import Hypervisor, VMInfo
-from vmreclaim.core.image import AUTO, open_image
 from vmreclaim.core.lease import Lease
 from vmreclaim.core.locks import hold_for_writing
 from vmreclaim.core.model import Disk
 from vmreclaim.core.pipeline import Pipeline
-from vmreclaim.core.protocol import FenceRefused, pairs_to_ranges
+from vmreclaim.core.protocol import FenceReady, FenceRefused, TrimDone, pairs_to_ranges
 from vmreclaim.core.ranges import ByteRange, RangeSet
 from vmreclaim.core.reclaim import ReclaimReport
+from vmreclaim.host.attempt import DONE, EXPIRED, FAILED, POSTPONED, REFUSED, Attempt
+from vmreclaim.host.images import ImageOpener
 from vmreclaim.host.logs import event
 from vmreclaim.host.pending import Snapshot
-from vmreclaim.host.session import AgentSession
 
 T = TypeVar("T")
 
-DONE = "done"
-POSTPONED = "postponed"
-REFUSED = "refused"
-EXPIRED = "expired"
-FAILED = "failed"
 
-
-@dataclass
-class Attempt:
-    """The outcome of one reclaim attempt of one disk."""
-
-    mode: str
-    outcome: str
-    detail: str = ""
-    requested_bytes: int = 0
-    verified_bytes: int = 0
-    punched_bytes: int = 0
-    freed_bytes: int = 0
-    #: Seconds the guest filesystem was frozen (fence mode), from request to release.
-    fence_seconds: float | None = None
-    #: Ranges of the snapshot that stay pending although the attempt is done.
-    keep: RangeSet = field(default_factory=RangeSet)
+class AgentLink(Protocol):
+    """What the reclaimer asks of a VM's agent session (an
+    :class:`~vmreclaim.host.session.AgentSession` is one): questions about a disk, and
+    the fence and trim requests. It never reads or changes the session's fields."""
 
     @property
-    def done(self) -> bool:
-        return self.outcome == DONE
+    def name(self) -> str: ...
+
+    @property
+    def live(self) -> bool: ...
+
+    @property
+    def fence_lock(self) -> asyncio.Lock: ...
+
+    def mode_of(self, disk_id: str) -> str | None: ...
+
+    def mismatch(self, disk_id: str) -> str | None: ...
+
+    def can_fence(self) -> bool: ...
+
+    def capability_names(self) -> list[str]: ...
+
+    def stop_trimming(self, disk_id: str) -> None: ...
+
+    async def fence(
+        self, disk: Disk, ranges: RangeSet, lease_seconds: float, wait: float
+    ) -> tuple[int, float, FenceReady | FenceRefused]: ...
+
+    def hold(self, fid: int, lease: Lease) -> None: ...
+
+    async def release(self, fid: int) -> str | None: ...
+
+    async def trim(self, disk: Disk, ranges: RangeSet, timeout: float) -> TrimDone | FenceRefused: ...
 
 
 @dataclass(frozen=True)
@@ -98,21 +106,22 @@ class ModeChoice:
 def choose_mode(
     info: VMInfo,
     disk: Disk,
-    session: AgentSession | None,
+    agent: AgentLink | None,
     hypervisor: Hypervisor,
     loop_device: str | None,
 ) -> ModeChoice:
     """The safe way to reclaim ``disk`` now, or ``None`` and why not (pure, no I/O)."""
-    if session is not None and not session.closed and session.welcomed:
-        if disk.id in session.info.mismatched:
-            return ModeChoice(None, session.info.mismatched[disk.id])
-        if session.info.modes.get(disk.id) == "trim":
+    if agent is not None and agent.live:
+        mismatch = agent.mismatch(disk.id)
+        if mismatch is not None:
+            return ModeChoice(None, mismatch)
+        if agent.mode_of(disk.id) == "trim":
             return ModeChoice("trim", "the disk passes discards and the agent can trim")
-        if "fence" not in session.info.capabilities:
+        if not agent.can_fence():
             return ModeChoice(
                 None,
                 f"the agent of {info.identity} cannot fence (capabilities: "
-                f"{', '.join(sorted(session.info.capabilities)) or 'none'})",
+                f"{', '.join(agent.capability_names()) or 'none'})",
             )
         if info.running and not type(hypervisor).capabilities.block_jobs:
             return ModeChoice(
@@ -192,6 +201,7 @@ class Reclaimer:
         hypervisor: Hypervisor,
         pipeline: Pipeline,
         executor: Executor,
+        images: ImageOpener,
         *,
         lease_seconds: float,
         margin_seconds: float,
@@ -203,33 +213,13 @@ class Reclaimer:
         self.lease_seconds = lease_seconds
         self.margin_seconds = margin_seconds
         self.trim_timeout = trim_timeout
-        #: Formats detected for ``format: auto`` disks, pinned at first detection so that
-        #: a guest cannot change how its image is read by writing a header into it.
-        self.pinned_formats: dict[Path, str] = {}
+        self.images = images
 
     async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    def open_image(self, disk: Disk) -> Image:
-        """Open ``disk``'s image afresh, with its format pinned (see ``pinned_formats``)."""
-        fmt = disk.format if disk.format != AUTO else self.pinned_formats.get(disk.path, AUTO)
-        image = open_image(disk.path, fmt)
-        if fmt == AUTO:
-            self.pinned_formats[disk.path] = image.format_name
-            event(
-                logging.WARNING,
-                "image.format_detected",
-                disk=disk.key,
-                path=str(disk.path),
-                format=image.format_name,
-                advice="set the disk's format in the configuration; it is pinned until restart",
-            )
-        return image
-
-    async def attempt(
-        self, disk: Disk, info: VMInfo, session: AgentSession | None, snap: Snapshot
-    ) -> Attempt:
-        live = session is not None and not session.closed and session.welcomed
+    async def attempt(self, disk: Disk, info: VMInfo, session: AgentLink | None, snap: Snapshot) -> Attempt:
+        live = session is not None and session.live
         # Only the offline mode cares about loop devices (a sysfs walk): skip it otherwise.
         loop_dev = None if live else loop_device_of(disk.path)
         choice = choose_mode(info, disk, session, self.hypervisor, loop_dev)
@@ -245,7 +235,7 @@ class Reclaimer:
 
     # -- guest trim ------------------------------------------------------------------------
 
-    async def _trim(self, disk: Disk, session: AgentSession, ranges: RangeSet) -> Attempt:
+    async def _trim(self, disk: Disk, session: AgentLink, ranges: RangeSet) -> Attempt:
         async with session.fence_lock:
             before = await self._thread(_allocated, disk.path)
             try:
@@ -260,7 +250,7 @@ class Reclaimer:
             if reply.error and not reply.trimmed_bytes:
                 if "EOPNOTSUPP" in reply.error or "not supported" in reply.error:
                     # The guest's disk takes no discards after all: fence from now on.
-                    session.info.modes[disk.id] = "fence"
+                    session.stop_trimming(disk.id)
                 return Attempt(
                     "trim", REFUSED, f"agent could not trim: {reply.error}", requested_bytes=ranges.total
                 )
@@ -288,7 +278,7 @@ class Reclaimer:
         if jobs:
             raise Postponed(f"block job {', '.join(jobs)} runs on {disk.key}")
 
-    async def _fenced(self, disk: Disk, info: VMInfo, session: AgentSession, ranges: RangeSet) -> Attempt:
+    async def _fenced(self, disk: Disk, info: VMInfo, session: AgentLink, ranges: RangeSet) -> Attempt:
         requested = ranges.total
         try:
             await self._thread(self._check_block_jobs, info, disk)
@@ -357,7 +347,7 @@ class Reclaimer:
         """Inside the fence, on a worker thread: re-check, translate afresh, punch."""
         lease.check()
         self._check_block_jobs(info, disk)
-        with self.open_image(disk) as image:
+        with self.images.open(disk) as image:
             ranges = verified.clip(ByteRange(0, image.virtual_size))
             if not ranges:
                 return ReclaimReport(verified.total, 0, 0, [])
@@ -387,7 +377,7 @@ class Reclaimer:
             verified_bytes=verified,
             punched_bytes=report.punched_bytes if report else 0,
             freed_bytes=report.freed_bytes if report else 0,
-            keep=keep,
+            still_pending=keep,
         )
 
     def _punch_offline(self, disk: Disk, ranges: RangeSet) -> tuple[ReclaimReport | None, int, RangeSet, str]:
@@ -398,7 +388,7 @@ class Reclaimer:
             loop_dev = loop_device_of(disk.path)
             if loop_dev is not None:
                 raise Postponed(f"{disk.path} is attached to {loop_dev}, which may be mounted")
-            image = stack.enter_context(self.open_image(disk))
+            image = stack.enter_context(self.images.open(disk))
             if image.data_file.path != image.file.path:
                 fd = stack.enter_context(hold_for_writing(image.data_file.path))
             asked = ranges.clip(ByteRange(0, image.virtual_size))

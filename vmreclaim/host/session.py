@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from vmreclaim.core.errors import FenceError, ProtocolError
 from vmreclaim.core.hypervisors import VMInfo
@@ -56,9 +56,6 @@ from vmreclaim.core.protocol import (
 from vmreclaim.core.ranges import RangeSet
 from vmreclaim.core.transports import MAX_LINE_BYTES
 from vmreclaim.host.logs import event
-
-if TYPE_CHECKING:
-    from vmreclaim.host.daemon import HostDaemon
 
 #: An agent must say hello this soon after connecting.
 HELLO_TIMEOUT = 30.0
@@ -97,18 +94,56 @@ class SessionInfo:
     mismatched: dict[str, str] = field(default_factory=dict)
 
 
+class SessionHost(Protocol):
+    """What a session may ask of the daemon: all of it, and nothing else.
+
+    The daemon's :class:`~vmreclaim.host.intake.Intake` implements it; a test may hand
+    in anything that does.
+    """
+
+    async def disk_sizes(self, vm: VMInfo) -> dict[str, int]:
+        """Virtual sizes of ``vm``'s disks, by disk id (records are bounded by them)."""
+        ...
+
+    def attach(self, session: AgentSession) -> None:
+        """``session`` is now the VM's agent (after ``welcome``)."""
+        ...
+
+    def detach(self, session: AgentSession) -> None:
+        """``session`` has closed."""
+        ...
+
+    def rejected(self, vm: str, reason: str, kind: str) -> None:
+        """A message from ``vm``'s channel was refused (count it, log it, tell observers)."""
+        ...
+
+    def admit(self, disk: Disk, record: DeletionRecord) -> str | None:
+        """Why a valid record cannot be taken now (a full backlog), or ``None``."""
+        ...
+
+    def ingest(
+        self, disk: Disk, record: DeletionRecord, done: Callable[[int | None, BaseException | None], None]
+    ) -> None:
+        """Store ``record`` durably; ``done`` is called once it is (or is not)."""
+        ...
+
+    async def room(self) -> None:
+        """Return once the commit backlog has room for more records."""
+        ...
+
+
 class AgentSession:
     """The host's side of one agent connection."""
 
     def __init__(
         self,
-        daemon: HostDaemon,
+        host: SessionHost,
         vm: VMInfo,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         peer: str,
     ) -> None:
-        self.daemon = daemon
+        self.host = host
         self.vm = vm
         self.name = vm.identity.name
         self.reader = reader
@@ -149,7 +184,7 @@ class AgentSession:
             if not pending.future.done():
                 pending.future.set_exception(FenceError(f"agent of VM {self.name}: {why}"))
                 pending.future.exception()  # seen here; a waiter, if any, still gets it
-        self.daemon.detach(self)
+        self.host.detach(self)
         self.writer.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.writer.wait_closed(), 2.0)
@@ -217,7 +252,7 @@ class AgentSession:
             return False
         caps = frozenset(hello.capabilities)
         announced = {d.id: d for d in hello.disks}
-        sizes = await self.daemon.disk_sizes(self.vm)
+        sizes = await self.host.disk_sizes(self.vm)
         modes = {}
         mismatched = {}
         for disk in self.vm.disks:
@@ -259,17 +294,17 @@ class AgentSession:
             modes=modes,
             unknown_disks=unknown,
         )
-        self.daemon.attach(self)
+        self.host.attach(self)
         return True
 
     def _refuse(self, reason: str) -> None:
         """A connection that never became a session: say why, count it, drop it."""
         self.send(Error(error=reason[:4096]))
-        self.daemon.rejected(self.name, reason, "handshake")
+        self.host.rejected(self.name, reason, "handshake")
 
     async def _serve(self) -> None:
         while not self.closed:
-            await self.daemon.committer.room()
+            await self.host.room()
             try:
                 line = await self._next_line()
             except ProtocolError as exc:
@@ -292,7 +327,7 @@ class AgentSession:
     def _bad_line(self, reason: str, kind: str, *, seq: int | None = None) -> None:
         self._bad_in_a_row += 1
         self.rejected += 1
-        self.daemon.rejected(self.name, reason, kind)
+        self.host.rejected(self.name, reason, kind)
         self.send(Nack(seq=seq, error=reason[:1024]) if seq is not None else Error(error=reason[:4096]))
 
     # -- messages from the agent ---------------------------------------------------------
@@ -341,13 +376,13 @@ class AgentSession:
         except ProtocolError as exc:
             self._bad_line(f"record {seq} for {disk.key}: {exc}", "invalid", seq=seq)
             return
-        refusal = self.daemon.admit(disk, record)
+        refusal = self.host.admit(disk, record)
         if refusal is not None:
             self._bad_line(f"record {seq} for {disk.key}: {refusal}", "backlog", seq=seq)
             return
         self._bad_in_a_row = 0
         self.records += 1
-        self.daemon.ingest(self, disk, record, self._acknowledger(record))
+        self.host.ingest(disk, record, self._acknowledger(record))
 
     def _acknowledger(self, record: DeletionRecord) -> Callable[[int | None, BaseException | None], None]:
         def done(rid: int | None, error: BaseException | None) -> None:
@@ -456,6 +491,31 @@ class AgentSession:
             fid, "trim", Trim(fence=fid, disk=disk.id, ranges=ranges_to_pairs(ranges)), timeout
         )
         return reply
+
+    # -- what the reclaimer and the status document ask -----------------------------------
+
+    @property
+    def live(self) -> bool:
+        """Welcomed and not closed: the agent can be asked for a fence or a trim."""
+        return self.welcomed and not self.closed
+
+    def mode_of(self, disk_id: str) -> str | None:
+        """``"trim"`` or ``"fence"`` as ``welcome`` told the agent, or ``None`` before it."""
+        return self.info.modes.get(disk_id)
+
+    def mismatch(self, disk_id: str) -> str | None:
+        """Why the agent's disk ``disk_id`` is not this VM's disk of that name, or ``None``."""
+        return self.info.mismatched.get(disk_id)
+
+    def can_fence(self) -> bool:
+        return "fence" in self.info.capabilities
+
+    def capability_names(self) -> list[str]:
+        return sorted(self.info.capabilities)
+
+    def stop_trimming(self, disk_id: str) -> None:
+        """The guest's disk takes no discards after all: reclaim it by fence from now on."""
+        self.info.modes[disk_id] = "fence"
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -1,6 +1,8 @@
-"""``vmreclaim status``: the running daemon's state over its status socket.
+"""``vmreclaim status``: the running daemon's state, its document and its socket.
 
-The daemon listens on ``status_socket`` (a Unix socket, mode 0600); a client connects,
+:class:`StatusDocument` builds the document from the daemon's parts (the registry's
+VMs, the scheduler's disks, the intake's counts, the committer's). The daemon listens
+on ``status_socket`` (a Unix socket, mode 0600); a client connects,
 writes one line (``status``), and reads one JSON document (DESIGN.md section 8)::
 
     {"vms": [{"name", "running", "disks": [{"id", "path", "format", "pending_bytes",
@@ -21,11 +23,26 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from vmreclaim import __version__
 from vmreclaim.core.errors import ChannelError, UsageError
-from vmreclaim.core.units import human_bytes
+
+if TYPE_CHECKING:
+    # Types only: ``vmreclaim status`` (the client below) need not load the daemon's
+    # parts, and none of these modules imports this one.
+    from vmreclaim.core.config import HostConfig
+    from vmreclaim.core.hypervisors import Hypervisor
+    from vmreclaim.core.policies import Policy
+    from vmreclaim.host.disks import DiskRuntime
+    from vmreclaim.host.images import ImageOpener
+    from vmreclaim.host.ingest import Committer
+    from vmreclaim.host.intake import Intake
+    from vmreclaim.host.metrics import HostMetrics
+    from vmreclaim.host.registry import VMRegistry
+    from vmreclaim.host.scheduler import Scheduler
 
 #: Where ``vmreclaim status`` looks without ``--config`` (the example configuration's
 #: path); ``VMRECLAIM_STATUS_SOCKET`` overrides it.
@@ -146,54 +163,155 @@ def _answers(path: Path) -> bool:
         sock.close()
 
 
-# -- human output ---------------------------------------------------------------------------
+# -- the document ----------------------------------------------------------------------------
 
 
-def _size(n: int | None) -> str:
-    return "-" if n is None else human_bytes(n)
+class StatusDocument:
+    """Builds the ``vmreclaim status --json`` document (DESIGN.md section 8)."""
 
+    def __init__(
+        self,
+        config: HostConfig,
+        hypervisor: Hypervisor,
+        policy: Policy,
+        registry: VMRegistry,
+        scheduler: Scheduler,
+        intake: Intake,
+        committer: Committer,
+        images: ImageOpener,
+        metrics: HostMetrics,
+        executor: Executor,
+        *,
+        started: float,
+    ) -> None:
+        self._config = config
+        self._hypervisor = hypervisor
+        self._policy = policy
+        self._registry = registry
+        self._scheduler = scheduler
+        self._intake = intake
+        self._committer = committer
+        self._images = images
+        self._metrics = metrics
+        self._executor = executor
+        self._started = started
 
-def _ago(when: float | None, now: float) -> str:
-    if when is None:
-        return "never"
-    seconds = max(0.0, now - when)
-    if seconds < 120:
-        return f"{seconds:.0f}s ago"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m ago"
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(when))
-
-
-def print_status(doc: dict[str, Any], console: Any) -> None:
-    """The status document as tables, for people."""
-    from rich.table import Table
-
-    now = time.time()
-    policy = doc.get("policy", {})
-    state = ", ".join(f"{k}={v}" for k, v in policy.items() if k != "driver")
-    console.print(
-        f"vmreclaim host {doc.get('version', '?')}, up {doc.get('uptime_seconds', 0):.0f}s; "
-        f"policy [bold]{policy.get('driver', '?')}[/bold]"
-        + (f" ({state})" if state else "")
-        + f"; rejected records: {doc.get('rejected_records', 0)}"
-    )
-    table = Table()
-    for col in ("vm", "agent", "disk", "pending", "punched", "freed", "last reclaim", "state"):
-        table.add_column(col, justify="right" if col in ("pending", "punched", "freed") else "left")
-    for vm in doc.get("vms", []):
-        agent = vm.get("agent") or {}
-        who = "connected" if agent.get("connected") else "-"
-        running = "running" if vm.get("running") else "stopped"
-        disks = vm.get("disks", []) or [{}]
-        for i, disk in enumerate(disks):
-            table.add_row(
-                f"{vm.get('name')} ({running})" if i == 0 else "",
-                who if i == 0 else "",
-                str(disk.get("id", "")),
-                _size(disk.get("pending_bytes")),
-                _size(disk.get("punched_bytes")),
-                _size(disk.get("freed_bytes")),
-                _ago(disk.get("last_reclaim"), now),
-                str(disk.get("state", "")),
+    async def build(self) -> dict[str, Any]:
+        vms_by_name = self._registry.vms
+        if type(self._hypervisor).capabilities.live_state and vms_by_name:
+            # Running state as of now, but a slow hypervisor delays the answer by 2 s at most.
+            loop = asyncio.get_running_loop()
+            runtimes = list(vms_by_name.values())
+            asks = [
+                loop.run_in_executor(self._executor, self._hypervisor.refresh, v.info.identity)
+                for v in runtimes
+            ]
+            await asyncio.wait(asks, timeout=2.0)
+            for vmrt, ask in zip(runtimes, asks, strict=True):
+                if not ask.done():
+                    ask.cancel()
+                elif not ask.cancelled() and ask.exception() is None:
+                    fresh = ask.result()
+                    if fresh is not None:
+                        vmrt.info = fresh
+        policy_state = self._policy.state()
+        now, mono = time.time(), time.monotonic()
+        vms = []
+        for name in sorted(vms_by_name):
+            vmrt = vms_by_name[name]
+            session = vmrt.session
+            disks = []
+            for d in vmrt.info.disks:
+                rt = self._scheduler.disks.get(d.key)
+                if rt is not None:
+                    mode = session.mode_of(d.id) if session is not None else None
+                    disks.append(self._disk(rt, mode, policy_state, mono))
+            vms.append(
+                {
+                    "name": name,
+                    "uuid": vmrt.info.identity.uuid,
+                    "running": vmrt.info.running,
+                    "agent": session.describe() if session is not None else {"connected": False},
+                    "rejected_records": vmrt.rejected,
+                    "disks": disks,
+                }
             )
-    console.print(table)
+        cfg = self._config
+        metrics = None
+        if cfg.metrics is not None:
+            metrics = {"address": cfg.metrics.address, "port": self._metrics.port}
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "started": self._started,
+            "uptime_seconds": now - self._started,
+            "database": str(cfg.database),
+            "hypervisor": cfg.hypervisor.driver,
+            "metrics": metrics,
+            "vms": vms,
+            "policy": {"driver": cfg.policy.driver, **policy_state},
+            "rejected_records": self._intake.rejected_total,
+            "ingest": {
+                "commits": self._committer.commits,
+                "last_commit_seconds": self._committer.last_commit_seconds,
+            },
+            "orphaned": {k: p.bytes_upper for k, p in self._scheduler.orphans.items() if p},
+        }
+
+    def _disk(self, rt: DiskRuntime, mode: str | None, policy: dict[str, Any], mono: float) -> dict[str, Any]:
+        d, t = rt.disk, rt.totals
+        pending = rt.pending.exact()
+        attempt = rt.last_attempt
+        if rt.busy:
+            state = "reclaiming"
+        elif not pending:
+            state = "idle"
+        elif rt.retry_at > mono and attempt is not None:
+            state = f"retry in {rt.retry_at - mono:.0f}s: {attempt.outcome}: {attempt.detail}"
+        elif rt.last_decision is not None:
+            state = f"waiting: {rt.last_decision.reason}"
+        else:
+            state = "pending"
+        try:
+            image_size: int | None = os.stat(d.path).st_size
+        except OSError:
+            image_size = None
+        return {
+            "id": d.id,
+            "path": str(d.path),
+            "format": self._images.format_of(d),
+            "pending_bytes": pending.total,
+            "pending_ranges": len(pending),
+            "pending_records": rt.pending.records,
+            "punched_bytes": t.punched_bytes,
+            "freed_bytes": t.freed_bytes,
+            "requested_bytes": t.requested_bytes,
+            "verified_bytes": t.verified_bytes,
+            "received_records": t.received_records,
+            "received_bytes": t.received_bytes,
+            "reclaims": t.reclaims,
+            "last_reclaim": t.last_reclaim,
+            "image_size": image_size,
+            "threshold": policy.get("threshold"),
+            "mode": mode,
+            "state": state,
+            "last_decision": (
+                {"reclaim": rt.last_decision.reclaim, "reason": rt.last_decision.reason}
+                if rt.last_decision is not None
+                else None
+            ),
+            "last_attempt": (
+                {
+                    "at": rt.last_attempt_at,
+                    "mode": attempt.mode,
+                    "outcome": attempt.outcome,
+                    "detail": attempt.detail,
+                    "requested_bytes": attempt.requested_bytes,
+                    "verified_bytes": attempt.verified_bytes,
+                    "punched_bytes": attempt.punched_bytes,
+                    "freed_bytes": attempt.freed_bytes,
+                }
+                if attempt is not None
+                else None
+            ),
+        }

@@ -1,0 +1,151 @@
+"""The built-in commands: each parses nothing, calls the core or a runtime, and prints.
+
+Commands import what they need inside their function: a short command such as
+``image map`` then starts without pydantic, YAML or the daemons' modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from vmreclaim.cli import output
+from vmreclaim.cli.ranges import requested_ranges
+from vmreclaim.core.errors import RangeError
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from vmreclaim.core import loader
+
+    drivers = [d for kind in loader.KINDS for d in loader.installed(kind)]
+    if args.json:
+        output.emit_json(
+            {
+                kind: [
+                    {
+                        "name": d.name,
+                        "target": d.target,
+                        "distribution": d.distribution,
+                        "version": d.version,
+                        "error": d.error,
+                    }
+                    for d in drivers
+                    if d.kind == kind
+                ]
+                for kind in loader.KINDS
+            }
+        )
+        return 0
+    rows = [(d.kind, d.name, f"{d.distribution} {d.version}", d.target, d.error or "ok") for d in drivers]
+    output.table("vmreclaim drivers", ("kind", "name", "package", "target", "status"), rows)
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from vmreclaim.core.config import CONFIG_KINDS, detect_kind, load_config
+
+    kind = args.kind or detect_kind(args.file)
+    load_config(args.file, CONFIG_KINDS[kind])
+    if not args.quiet:
+        print(f"{args.file}: valid {kind} configuration")
+    return 0
+
+
+def cmd_image_info(args: argparse.Namespace) -> int:
+    from vmreclaim.core.image import open_image
+
+    with open_image(args.image, args.format) as image:
+        info = image.info()
+    if args.json:
+        output.emit_json(info)
+        return 0
+    rows = [(k, output.size(v) if k in ("virtual_size", "allocated_bytes") else v) for k, v in info.items()]
+    rows = [(k, ", ".join(v) or "none") if isinstance(v, list) else (k, v) for k, v in rows]
+    output.table(str(args.image), ("field", "value"), rows)
+    return 0
+
+
+def cmd_image_map(args: argparse.Namespace) -> int:
+    from vmreclaim.core.image import open_image
+    from vmreclaim.core.ranges import ByteRange
+
+    with open_image(args.image, args.format) as image:
+        size = image.virtual_size
+        start = args.start
+        length = size - start if args.length is None else args.length
+        window = ByteRange(start, length)
+        if window.end > size:
+            raise RangeError(f"map window {window} lies outside the virtual disk ({size} bytes)")
+        extents = image.map(window).merged()
+    if args.json:
+        extents.write_json(sys.stdout)  # vectorised: maps can have 10^5-10^6 extents
+        return 0
+    rows = [(e["start"], e["length"], e["kind"], e["offset"]) for e in extents.to_json()]
+    output.table(f"{args.image} [{window.start}, {window.end})", ("start", "length", "kind", "offset"), rows)
+    return 0
+
+
+def cmd_image_reclaim(args: argparse.Namespace) -> int:
+    from vmreclaim.core.image import open_image
+    from vmreclaim.core.model import Disk
+    from vmreclaim.core.pipeline import Pipeline
+
+    ranges = requested_ranges(args)
+    with open_image(args.image, args.format) as image:
+        disk = Disk(vm="", id=Path(args.image).name, path=Path(args.image), format=image.format_name)
+        report = Pipeline().reclaim(disk, image, ranges, dry_run=args.dry_run, deep=args.deep)
+    if args.json:
+        output.emit_json(report.to_json())
+        return 0
+    verb = "would punch" if report.dry_run else "punched"
+    size = output.size
+    print(
+        f"{args.image}: requested {size(report.requested_bytes)}, {verb} "
+        f"{size(report.punched_bytes)}, freed {size(report.freed_bytes)} ({report.mode} mode)"
+    )
+    if report.skipped:
+        output.table(
+            "skipped",
+            ("start", "length", "reason"),
+            [(s.start, s.length, s.reason) for s in report.skipped],
+        )
+    return 0
+
+
+def cmd_image_sparsify(args: argparse.Namespace) -> int:
+    from vmreclaim.core.sparsify import sparsify_image
+
+    if args.json:
+        report = sparsify_image(args.image, args.format, dry_run=args.dry_run)
+        output.emit_json(report.to_json())
+        return 0
+    with output.ProgressBar() as bar:
+        report = sparsify_image(args.image, args.format, dry_run=args.dry_run, progress=bar)
+    output.print_sparsify(report)
+    return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from vmreclaim.agent.main import run_agent
+    from vmreclaim.core.config import AgentConfig, load_config
+
+    return run_agent(load_config(args.config, AgentConfig))
+
+
+def cmd_host(args: argparse.Namespace) -> int:
+    from vmreclaim.core.config import HostConfig, load_config
+    from vmreclaim.host.daemon import run_host
+
+    return run_host(load_config(args.config, HostConfig))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from vmreclaim.host.status import query_status, status_socket_path
+
+    doc = query_status(status_socket_path(args.config))
+    if args.json:
+        output.emit_json(doc)
+        return 0
+    output.print_status(doc)
+    return 0

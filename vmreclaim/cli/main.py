@@ -1,0 +1,156 @@
+"""The parser and the error boundary of ``vmreclaim``: usage errors and exit codes.
+
+Errors go to stderr as one line; the exit code comes from the error's class
+(:mod:`vmreclaim.core.errors`): 2 bad usage or configuration, 3 image busy, 4 image
+unsupported or corrupt, 1 anything unexpected (a traceback only with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from vmreclaim import __version__
+from vmreclaim.cli import commands as cmd
+from vmreclaim.cli import output
+from vmreclaim.cli.ranges import non_negative
+from vmreclaim.core.commands import COMMAND_DEST, CommandOutput
+from vmreclaim.core.errors import VMReclaimError
+
+#: ``--format`` default and ``format:`` value: probe the installed format drivers.
+AUTO = "auto"
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vmreclaim",
+        description="Give back to the host the space that files deleted inside VMs hold in their images.",
+    )
+    parser.add_argument("--version", action="version", version=f"vmreclaim {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("plugins", help="list installed drivers per kind, with their package")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd.cmd_plugins)
+
+    config = sub.add_parser("config", help="configuration files").add_subparsers(
+        dest="config_command", metavar="SUBCOMMAND", required=True
+    )
+    p = config.add_parser("check", help="validate a host or agent configuration file")
+    p.add_argument("file", type=Path)
+    p.add_argument("--kind", choices=("agent", "host"), help="default: from the file's keys")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd.cmd_config_check)
+
+    image = sub.add_parser("image", help="offline operations on image files").add_subparsers(
+        dest="image_command", metavar="SUBCOMMAND", required=True
+    )
+
+    def image_parser(name: str, help: str, func: Command) -> argparse.ArgumentParser:
+        p = image.add_parser(name, help=help)
+        p.add_argument("image", type=Path)
+        p.add_argument("--format", default=AUTO, help="format driver name (default: auto-detect)")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
+        return p
+
+    image_parser("info", "format, sizes and backing chain", cmd.cmd_image_info)
+    p = image_parser("map", "where each guest byte lives in the image file", cmd.cmd_image_map)
+    p.add_argument("--start", type=non_negative, default=0)
+    p.add_argument("--length", type=non_negative, default=None)
+    p = image_parser("reclaim", "punch guest byte ranges known to be free (offline)", cmd.cmd_image_reclaim)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--range", action="append", metavar="START:LENGTH", default=[])
+    group.add_argument("--ranges-file", type=Path, metavar="F")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument(
+        "--deep", action="store_true", help="also release clusters in the image's metadata (qcow2, offline)"
+    )
+    p = image_parser(
+        "sparsify", "punch every free block of the guest filesystems (offline)", cmd.cmd_image_sparsify
+    )
+    p.add_argument("--dry-run", action="store_true")
+
+    p = sub.add_parser("host", help="run the host daemon")
+    p.add_argument("--config", type=Path, required=True)
+    p.set_defaults(func=cmd.cmd_host)
+
+    p = sub.add_parser("agent", help="run the guest agent")
+    p.add_argument("--config", type=Path, required=True)
+    p.set_defaults(func=cmd.cmd_agent)
+
+    _plugin_commands(sub)
+
+    p = sub.add_parser("status", help="ask the running host daemon what it has reclaimed")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--config", type=Path, default=None, help="host config (for its status_socket)")
+    p.set_defaults(func=cmd.cmd_status)
+    return parser
+
+
+def _plugin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Subcommands that hook plugins add (``libvirt enable`` comes from the libvirt driver's)."""
+    from vmreclaim.core.plugins import Plugins
+
+    try:
+        plugins = Plugins()
+    except Exception:
+        # A broken hook plugin must not take the whole command line down: the commands
+        # that need hooks fail with its error, and `vmreclaim plugins` names it.
+        return
+    plugins.cli_add_commands(commands=sub)
+
+
+def _run(args: argparse.Namespace) -> int:
+    plugin_command = getattr(args, COMMAND_DEST, None)
+    if plugin_command is None:
+        code: int = args.func(args)
+        return code
+    result: CommandOutput = plugin_command(args)
+    if getattr(args, "json", False):
+        output.emit_json(result.doc)
+    else:
+        sys.stdout.write(result.text)
+    return result.exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    try:
+        return _run(args)
+    except VMReclaimError as exc:
+        print(f"vmreclaim: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`vmreclaim image map --json | head`): not a bug. Point
+        # stdout at /dev/null so the interpreter's final flush does not fail again, and
+        # exit as a process killed by SIGPIPE would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    except Exception as exc:
+        if args.debug:
+            raise
+        elapsed = time.monotonic() - started
+        print(
+            f"vmreclaim: unexpected error after {elapsed:.1f}s: {type(exc).__name__}: {exc}\n"
+            "this is a bug; run again with --debug for the traceback",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
