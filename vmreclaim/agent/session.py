@@ -15,6 +15,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from vmreclaim.agent import reconcile
 from vmreclaim.core import protocol as p
 from vmreclaim.core.errors import ProtocolError
 from vmreclaim.core.model import MAX_RANGES_PER_RECORD
@@ -101,10 +102,11 @@ class Session:
             welcome = await asyncio.wait_for(self._await_welcome(), WELCOME_TIMEOUT)
             if welcome is None:
                 return
-            if welcome.v != p.PROTOCOL_VERSION:
+            if not p.MIN_PROTOCOL_VERSION <= welcome.v <= p.PROTOCOL_VERSION:
                 log.error(
-                    "host speaks protocol version %d, this agent %d: disconnecting",
+                    "host speaks protocol version %d, this agent %d to %d: disconnecting",
                     welcome.v,
+                    p.MIN_PROTOCOL_VERSION,
                     p.PROTOCOL_VERSION,
                 )
                 return
@@ -186,6 +188,8 @@ class Session:
             self._release(msg)
         elif isinstance(msg, p.Trim):
             self._spawn(self._trim(msg))
+        elif isinstance(msg, p.Reconcile):
+            self._spawn(self._reconcile(msg))
         elif isinstance(msg, p.Ping):
             self.send(p.Pong(nonce=msg.nonce))
         elif isinstance(msg, p.Error):
@@ -278,6 +282,14 @@ class Session:
             return
         trimmed, failed = await agent.trim(fss, p.pairs_to_ranges(msg.ranges))
         self.send(p.TrimDone(fence=msg.fence, trimmed_bytes=trimmed, error=failed))
+
+    async def _reconcile(self, msg: p.Reconcile) -> None:
+        # A worker thread: GETFSMAP of a whole fragmented filesystem takes seconds.
+        agent = self.agent
+        answer = await asyncio.to_thread(reconcile.answer, msg, agent.disks.get(msg.disk), agent.pipeline)
+        for message in answer:
+            self.send(message)
+            await self.writer.drain()
 
 
 def fence_ready(fence_id: int, disk: str, ranges: RangeSet, disk_size: int, lease_ms: int) -> p.FenceReady:

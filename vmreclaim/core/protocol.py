@@ -17,14 +17,15 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from vmreclaim.core.errors import ProtocolError
-from vmreclaim.core.freespace import FreeSpace, Reconcile
+from vmreclaim.core.freespace import FreeSpace as FreeSpace
+from vmreclaim.core.freespace import Reconcile as Reconcile
 from vmreclaim.core.model import MAX_RANGES_PER_RECORD
 from vmreclaim.core.ranges import MAX_OFFSET, RangeSet
 from vmreclaim.core.transports import MAX_LINE_BYTES
 
 #: The highest protocol version this code speaks; ``hello`` and ``welcome`` carry it.
-#: Version 2 will add reconciliation (``reconcile`` / ``free_space``); its models are here.
-PROTOCOL_VERSION = 1
+#: Version 2 adds reconciliation (``reconcile`` / ``free_space``); both ends still speak 1.
+PROTOCOL_VERSION = 2
 #: The lowest version still spoken.
 MIN_PROTOCOL_VERSION = 1
 #: The first version with ``reconcile`` and ``free_space``.

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -79,6 +79,27 @@ class Reconciliations:
         self.enabled = enabled
         self.states: dict[str, DiskReconcile] = {}
         self._running: dict[str, asyncio.Task[Reconciled | None]] = {}
+        #: The agent session last seen per VM: a new one is a (re)connection.
+        self._seen: dict[str, int] = {}
+        #: Told after every completed reconciliation (the report's gauges).
+        self.on_reconciled: Callable[[Disk, DiskReconcile], None] | None = None
+
+    async def run(self, tick_seconds: float, vms: Callable[[], list[str]]) -> None:
+        """Every ``tick_seconds``: notice new agents, start what is due (until cancelled)."""
+        while True:
+            for vm in vms():
+                session = self.site.session_of(vm)
+                disks = self.site.disks_of(vm) or []
+                ident = id(session) if session is not None else 0
+                if self._seen.get(vm) != ident:
+                    self._seen[vm] = ident
+                    if session is not None:
+                        self.connected(disks)
+                try:
+                    self.tick(disks)
+                except Exception as exc:  # one VM's trouble must not stop the others' runs
+                    bug(f"reconciliation check of VM {vm} failed", exc)
+            await asyncio.sleep(tick_seconds)
 
     def state(self, disk: Disk) -> DiskReconcile:
         return self.states.setdefault(disk.key, DiskReconcile())
@@ -152,6 +173,8 @@ class Reconciliations:
         st.reclaimable = result.reclaimable
         st.reclaimable_bytes = result.reclaimable.total
         st.free_bytes = result.free_bytes
+        if self.on_reconciled is not None:
+            self.on_reconciled(disk, st)
         submitted = 0
         if not dry_run and result.reclaimable:
             submitted = await self._submit(disk, result.reclaimable)
