@@ -18,6 +18,7 @@ from pathlib import Path
 from vmreclaim import __version__
 from vmreclaim.cli import commands as cmd
 from vmreclaim.cli import output
+from vmreclaim.cli import reconcile as reconcile_commands
 from vmreclaim.cli.ranges import non_negative
 from vmreclaim.core.commands import COMMAND_DEST, CommandOutput
 from vmreclaim.core.errors import VMReclaimError
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--config", type=Path, default=None, help="host config (for its status_socket)")
     p.set_defaults(func=cmd.cmd_status)
+    reconcile_commands.add_commands(sub)
     return parser
 
 
