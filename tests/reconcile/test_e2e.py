@@ -105,7 +105,7 @@ def repeat_churn(
     took = []
     for _ in range(REPEATS):
         gone = churn(mnt / "churn")
-        assert gone.total >= ROUNDS * ROUND_BYTES * 0.9
+        assert gone.total >= ROUND_BYTES  # ext4 may give the next file the same blocks
         took.append(
             wait_for(
                 lambda g=gone: back(g, mnt, held) >= 0.99,  # type: ignore[misc]
@@ -127,7 +127,7 @@ def test_write_sync_delete_rounds_come_back_raw(
         f.truncate(1024 * MiB)
     make_filesystem(image, "ext4", "-E", "lazy_itable_init=0,lazy_journal_init=0")
     channel = tmp_path / "vm1.sock"
-    # Default reconcile settings: growth 64 MiB, at most every 15 s.
+    # Default reconcile settings: growth 16 MiB, at most every 15 s.
     host = host_daemon([static_vm("vm1", channel, [{"id": "disk0", "path": image, "format": "raw"}])])
     with (
         loop_device(image) as dev,
@@ -136,6 +136,23 @@ def test_write_sync_delete_rounds_come_back_raw(
     ):
         took = repeat_churn(mnt, host, agent, lambda r: data_ranges(image).intersect(r))
         assert "reconcile.done" in host.logs()
+    with loop_device(image) as dev, mounted(dev, tmp_path / "mnt") as mnt:
+        # The churn while no agent runs, and an agent that does not report the space
+        # free at its start: no record can ever name those blocks. Reconciliation after
+        # the (re)connection must bring them back on its own.
+        gone = churn(mnt / "churn")
+        assert data_ranges(image).intersect(gone).total >= ROUND_BYTES
+        agent = AgentProcess(tmp_path, channel, mnt, report_existing_free_space=False).start()
+        try:
+            wait_for(
+                lambda: back(gone, mnt, lambda r: data_ranges(image).intersect(r)) >= 0.99,
+                60,
+                "99 % back through reconciliation alone",
+                lambda: explain(host, agent),
+            )
+        finally:
+            assert agent.stop() == 0, agent.logs()[-4000:]
+        assert "reason=connect" in host.logs()
     assert host.stop() == 0
     run(["e2fsck", "-fn", str(image)])
     print(f"raw: ten 32 MiB write-sync-delete rounds, 99 % back after {', '.join(f'{t:.1f}s' for t in took)}")

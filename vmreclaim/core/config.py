@@ -125,7 +125,7 @@ class ReconcileConfig(StrictModel):
     #: A disk is reconciled at least this often while its agent is connected.
     interval_seconds: float = Field(default=3600.0, gt=0)
     #: ... and as soon as its image's allocated bytes grew by more than this since then.
-    growth_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    growth_bytes: int = Field(default=16 * 1024 * 1024, ge=0)
     #: ... but never more often than this (the operator's request excepted).
     min_gap_seconds: float = Field(default=15.0, ge=0)
     #: How long the host waits for the whole answer (and ``reclaim --wait`` for the punch).
