@@ -17,7 +17,11 @@ stages done from the host, for a VM that is shut down:
    translate/validate/align/punch/measure path as every other reclaim.
 
 With ``dry_run`` step 4 plans but does not punch, and the image is only checked for a
-writer, not locked.
+writer, not locked. A dry run of an image that a writer holds (a running VM) is an
+**estimate** (issue 13): the filesystems are read as their on-disk structures stand —
+a mounted filesystem's bitmaps lag its journal, so a block freed or taken since its last
+commit may be counted wrongly — and the report says ``estimate``. Without ``dry_run`` a
+busy image is always refused.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vmreclaim.core import loader
-from vmreclaim.core.errors import ImageBusyError, VMReclaimError
+from vmreclaim.core.errors import VMReclaimError
 from vmreclaim.core.filesystems import FilesystemReader, ProgressCallback, identify
 from vmreclaim.core.formats import Image
 from vmreclaim.core.image import AUTO, open_image
@@ -80,6 +84,8 @@ class SparsifyReport:
     freed_bytes: int
     seconds: float
     dry_run: bool = False
+    #: A dry run of an image in use: read-only and approximate (see the module docstring).
+    estimate: bool = False
     #: Free bytes that were not punched, per reason (``zero``, ``partial-block``, ...).
     not_punched: dict[str, int] = field(default_factory=dict)
 
@@ -97,6 +103,7 @@ class SparsifyReport:
             "freed_bytes": self.freed_bytes,
             "seconds": round(self.seconds, 3),
             "dry_run": self.dry_run,
+            "estimate": self.estimate,
             "skipped": [{"reason": r, "bytes": n} for r, n in sorted(self.not_punched.items())],
         }
 
@@ -121,9 +128,9 @@ def sparsify_image(
     """
     started = time.monotonic()
     bar = progress if progress is not None else _Silent()
-    with open_image(path, format) as image, _locked(image, dry_run) as fd:
+    with open_image(path, format) as image, _locked(image, dry_run) as (fd, busy):
         image.check_punchable()
-        results, free = _scan(image, bar)
+        results, free = _scan(image, bar, estimate=busy)
         report = _reclaim(image, free, fd, dry_run, bar)
     not_punched: dict[str, int] = {}
     if report is not None:
@@ -137,32 +144,32 @@ def sparsify_image(
         freed_bytes=report.freed_bytes if report else 0,
         seconds=time.monotonic() - started,
         dry_run=dry_run,
+        estimate=busy,
         not_punched=not_punched,
     )
 
 
 @contextmanager
-def _locked(image: Image, dry_run: bool) -> Iterator[int]:
-    """QEMU's write locks on the image (and its external data file) for the whole run.
+def _locked(image: Image, dry_run: bool) -> Iterator[tuple[int, bool]]:
+    """QEMU's write locks on the image (and its external data file) for the whole run;
+    yields the descriptor to punch through and whether a writer holds the image.
 
-    A dry run writes nothing, so it only checks that no writer holds the image: a
-    report read while a VM writes would be meaningless.
+    A dry run writes nothing, so it only checks for a writer: if one holds the image the
+    run is an estimate (module docstring). A real run takes the locks, or raises
+    :class:`~vmreclaim.core.errors.ImageBusyError` naming the holder.
     """
     if dry_run:
-        fd = image.data_file.fd
-        for f in {image.file.path: image.file, image.data_file.path: image.data_file}.values():
-            reason = busy_reason(f.fd)
-            if reason is not None:
-                raise ImageBusyError(f"{f.path}: image is busy: another process {reason}; stop it first")
-        yield fd
+        files = {image.file.path: image.file, image.data_file.path: image.data_file}.values()
+        busy = any(busy_reason(f.fd) is not None for f in files)
+        yield image.data_file.fd, busy
         return
     with ExitStack() as stack:
         if image.data_file is not image.file:
             stack.enter_context(hold_for_writing(image.file.path))
-        yield stack.enter_context(hold_for_writing(image.data_file.path))
+        yield stack.enter_context(hold_for_writing(image.data_file.path)), False
 
 
-def _scan(image: Image, bar: Stages) -> tuple[list[FilesystemResult], RangeSet]:
+def _scan(image: Image, bar: Stages, *, estimate: bool = False) -> tuple[list[FilesystemResult], RangeSet]:
     """Every volume identified and every readable filesystem's free bytes, in disk order."""
     readers = loader.load_all("filesystems", FilesystemReader)
     results: list[FilesystemResult] = []
@@ -185,7 +192,13 @@ def _scan(image: Image, bar: Stages) -> tuple[list[FilesystemResult], RangeSet]:
                 )
             )
             continue
-        space = found.reader.free_space(volume, det, bar.stage(f"{volume.label}: {det.type} bitmaps"))
+        stage = bar.stage(f"{volume.label}: {det.type} bitmaps")
+        # Only an estimate passes the keyword: a driver written before it still works.
+        space = (
+            found.reader.free_space(volume, det, stage, estimate=True)
+            if estimate
+            else found.reader.free_space(volume, det, stage)
+        )
         if space.free and int(space.free.ends[-1]) > volume.length:
             # A driver bug, not a property of the image: refuse loudly (exit 1).
             raise VMReclaimError(

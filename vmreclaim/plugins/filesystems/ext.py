@@ -322,12 +322,17 @@ class ExtReader(FilesystemReader):
         return detection
 
     def free_space(
-        self, volume: Volume, detection: Detection, progress: ProgressCallback | None = None
+        self,
+        volume: Volume,
+        detection: Detection,
+        progress: ProgressCallback | None = None,
+        *,
+        estimate: bool = False,
     ) -> FreeSpace:
         where = _where(volume)
         raw = volume.read(SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, "ext superblock")
         sb = _parse_superblock(raw, where)
-        _check_safe(sb, volume, where)
+        _check_safe(sb, volume, where, stale_ok=estimate)
         layout = _Layout(sb, volume, where)
         free = layout.free_clusters(progress)
         return FreeSpace(free=free, block_size=sb.cluster_size, size=sb.blocks_count * sb.block_size)
@@ -337,11 +342,17 @@ def _where(volume: Volume) -> str:
     return f"{volume.image.file.path}: {volume.label}"
 
 
-def _check_safe(sb: Superblock, volume: Volume, where: str) -> None:
-    """Refuse a filesystem whose bitmaps on disk may not be the truth, or that we cannot read."""
+def _check_safe(sb: Superblock, volume: Volume, where: str, *, stale_ok: bool = False) -> None:
+    """Refuse a filesystem whose bitmaps on disk may not be the truth, or that we cannot read.
+
+    ``stale_ok`` (an estimate, nothing punched): a mounted or crashed filesystem's
+    bitmaps are read as they stand; everything else is still checked.
+    """
     name = sb.type_name
     fix = "boot the VM and shut it down cleanly, or run e2fsck -f on the image, then retry"
-    if sb.incompat & INCOMPAT_RECOVER:
+    if stale_ok:
+        pass
+    elif sb.incompat & INCOMPAT_RECOVER:
         raise UnsupportedImageError(
             f"{where}: {name} journal needs recovery (the filesystem is mounted by a running or "
             f"crashed guest); its block bitmaps may be stale, nothing was changed: {fix}"
@@ -350,7 +361,7 @@ def _check_safe(sb: Superblock, volume: Volume, where: str) -> None:
         raise UnsupportedImageError(
             f"{where}: {name} has recorded errors (s_state {sb.state:#x}): run e2fsck -f"
         )
-    if not sb.state & STATE_VALID or sb.state & STATE_ORPHANS:
+    if not stale_ok and (not sb.state & STATE_VALID or sb.state & STATE_ORPHANS):
         raise UnsupportedImageError(
             f"{where}: {name} was not cleanly unmounted (s_state {sb.state:#x}); its block bitmaps "
             f"may be stale, nothing was changed: {fix}"
