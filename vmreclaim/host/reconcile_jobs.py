@@ -38,6 +38,9 @@ class ReconcileSession(Protocol):
     @property
     def can_reconcile(self) -> bool: ...
 
+    #: When the connection was made (Unix time): a new value is a reconnection.
+    connected_at: float
+
     async def free_space(self, disk: Disk, timeout: float) -> FreeSpaceAnswer: ...
 
 
@@ -80,7 +83,7 @@ class Reconciliations:
         self.states: dict[str, DiskReconcile] = {}
         self._running: dict[str, asyncio.Task[Reconciled | None]] = {}
         #: The agent session last seen per VM: a new one is a (re)connection.
-        self._seen: dict[str, int] = {}
+        self._seen: dict[str, float | None] = {}
         #: Told after every completed reconciliation (the report's gauges).
         self.on_reconciled: Callable[[Disk, DiskReconcile], None] | None = None
 
@@ -90,7 +93,7 @@ class Reconciliations:
             for vm in vms():
                 session = self.site.session_of(vm)
                 disks = self.site.disks_of(vm) or []
-                ident = id(session) if session is not None else 0
+                ident = session.connected_at if session is not None else None
                 if self._seen.get(vm) != ident:
                     self._seen[vm] = ident
                     if session is not None:
