@@ -22,8 +22,8 @@ from vmreclaim.agent.devices import (
     DiskMap,
     Segment,
     Topology,
-    TopologyError,
     _parse_mountinfo,
+    _TopologyError,
     find_mount,
 )
 from vmreclaim.agent.linux import DmTarget
@@ -114,22 +114,22 @@ def test_dm_on_dm_on_partition(sysfs: FakeSysfs) -> None:
 def test_refused_stacks_name_the_reason(sysfs: FakeSysfs) -> None:
     topo = sysfs.topology()
     crypt = sysfs.dm("secret", 3, [(0, 1000, "crypt", "aes-xts-plain64 :64:logon:k 0 252:2 4096")])
-    with pytest.raises(TopologyError, match="'crypt' target"):
+    with pytest.raises(_TopologyError, match="'crypt' target"):
         topo.map_device(crypt)
     spread = sysfs.dm("spread", 4, [(0, 1000, "linear", "252:2 0"), (1000, 1000, "linear", "252:16 0")])
-    with pytest.raises(TopologyError, match="spans several disks"):
+    with pytest.raises(_TopologyError, match="spans several disks"):
         topo.map_device(spread)
     bad = sysfs.dm("bad", 5, [(0, 1000, "linear", "/dev/vda2 0")])
-    with pytest.raises(TopologyError, match="MAJ:MIN OFFSET"):
+    with pytest.raises(_TopologyError, match="MAJ:MIN OFFSET"):
         topo.map_device(bad)
-    with pytest.raises(TopologyError, match="not a block device"):
+    with pytest.raises(_TopologyError, match="not a block device"):
         topo.map_device(os.makedev(0, 42))
 
 
 def test_table_that_does_not_cover_the_device_is_refused(sysfs: FakeSysfs) -> None:
     sysfs.device("virtual/block/dm-6", 253, 6, 3000, dm__name="short")
     sysfs.tables["short"] = [DmTarget(0, 1000, "linear", "252:2 0")]
-    with pytest.raises(TopologyError, match="unmapped"):
+    with pytest.raises(_TopologyError, match="unmapped"):
         sysfs.topology().map_device(os.makedev(253, 6))
 
 

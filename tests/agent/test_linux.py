@@ -70,12 +70,14 @@ def raw_free_records(fd: int, device: int, lo: int, hi: int) -> int:
     )
 
 
-def test_getfsmap_unsupported_is_its_own_error() -> None:
+def test_getfsmap_unsupported_is_a_reason_not_an_error() -> None:
     with tempfile.TemporaryDirectory(dir="/dev/shm") as d:
         fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            with pytest.raises(linux.FsmapUnsupported):
+            with pytest.raises(OSError) as raised:
                 linux.free_space(fd, os.fstat(fd).st_dev, 0, 4096)
+            assert raised.value.errno in (errno.ENOTTY, errno.EOPNOTSUPP)
+            assert linux.fsmap_missing(fd, os.fstat(fd).st_dev) == os.strerror(raised.value.errno)
         finally:
             os.close(fd)
 

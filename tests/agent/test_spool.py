@@ -14,8 +14,9 @@ import pytest
 
 from tests.agent.conftest import LoopFs, MiB, agent_config, write_file
 from tests.agent.peer import AgentProcess, HostPeer
-from vmreclaim.agent.spool import Spool, SpoolError
+from vmreclaim.agent.spool import Spool
 from vmreclaim.core import protocol as p
+from vmreclaim.core.errors import AgentSetupError
 
 
 def test_records_survive_reopen_and_seqs_are_never_reused(tmp_path: Path) -> None:
@@ -72,7 +73,7 @@ def test_held_spool_does_not_touch_the_database(tmp_path: Path) -> None:
 
 def test_unusable_spool_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a directory")
-    with pytest.raises(SpoolError, match="file"):
+    with pytest.raises(AgentSetupError, match="file"):
         Spool(tmp_path / "file" / "spool", max_bytes=1 * MiB)
 
 

@@ -5,6 +5,7 @@ vsock (stream setup over a socket pair, errors from the kernel's real AF_VSOCK),
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import stat
@@ -15,8 +16,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from vmreclaim.agent.session import LineTooLong, read_line
-from vmreclaim.core.errors import ChannelError
+from vmreclaim.core.errors import ChannelError, ProtocolError
+from vmreclaim.core.lines import read_line
 from vmreclaim.core.loader import driver_class, load_driver
 from vmreclaim.core.transports import MAX_LINE_BYTES, Transport
 from vmreclaim.plugins.transports import tcp, vsock
@@ -133,7 +134,7 @@ def test_vsock_stream_framing_over_a_socket_pair() -> None:
         assert await read_line(rb) == b"one\n"
         assert await read_line(ra) == b"two\n"
         wa.write(b"x" * (MAX_LINE_BYTES + 10) + b"\nnext\n")
-        with pytest.raises(LineTooLong):
+        with pytest.raises(ProtocolError, match="discarded"):
             await read_line(rb)
         assert await read_line(rb) == b"next\n"
         wa.close()
@@ -193,7 +194,7 @@ def free_port() -> int:
 def test_tcp_options_need_exactly_one_good_secret(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="exactly one"):
         tcp.TcpOptions(port=1)
-    with pytest.raises(ValidationError, match="at least 16"):
+    with pytest.raises(ValidationError, match="128 bits"):
         tcp.TcpOptions(port=1, secret="short")
     loose = tmp_path / "loose"
     loose.write_text(SECRET)
@@ -341,3 +342,111 @@ def test_tcp_tampered_lines_close_the_connection(meddle: str) -> None:
         assert received == [b"good one\n", b"second\n"]  # the copy is refused
     else:
         assert received == [b"good one\n"]
+
+
+# -- tcp under attack (issue 11 items 4 and 9) --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "weak",
+    [
+        "abcdefghijklmnopqrstuv",  # 22 lower-case letters: about 103 bits
+        "0123456789abcdef0123456789abcde",  # 31 hex digits: 124 bits
+        "0" * 64,  # long, but one symbol
+        "passwordpassword1234",  # hand-written
+    ],
+)
+def test_tcp_secrets_under_128_bits_are_refused_at_config_time(weak: str, tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="128 bits"):
+        tcp.TcpOptions(port=1, secret=weak)
+    path = tmp_path / "weak"
+    path.write_text(weak + "\n")
+    path.chmod(0o600)
+    with pytest.raises(ChannelError, match="128 bits"):
+        tcp.TcpTransport(tcp.TcpOptions(port=1, secret_file=path)).secret()
+
+
+def test_tcp_secrets_of_128_bits_or_more_are_taken() -> None:
+    import secrets
+
+    for good in (secrets.token_hex(16), secrets.token_urlsafe(22), SECRET):
+        assert tcp.TcpOptions(port=1, secret=good).secret is not None
+
+
+def test_tcp_handshake_failures_are_rate_limited() -> None:
+    """A guesser gets a few tries per minute, then the port closes on it at once."""
+    port = free_port()
+
+    async def scenario() -> tuple[int, bytes]:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
+            writer.close()
+
+        server = await serve_tcp(SECRET, port, handler)
+        refused = 0
+        for _ in range(tcp.HANDSHAKE_FAILURES_PER_MINUTE + 2):
+            with contextlib.suppress(ChannelError):
+                await make("tcp", port=port, secret="wrong " + SECRET).connect()
+            refused += 1
+        # Locked out now: no greeting at all, not even for the right secret.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        first = await asyncio.wait_for(reader.read(100), 5)
+        writer.close()
+        server.cancel()
+        return refused, first
+
+    refused, first = run(scenario())
+    assert refused == tcp.HANDSHAKE_FAILURES_PER_MINUTE + 2
+    assert first == b""
+
+
+def test_tcp_pending_handshakes_per_vm_are_bounded() -> None:
+    """Idle connections that never answer the challenge hold at most a few slots; the
+    others are closed at once (no descriptor, no buffer kept for them)."""
+    port = free_port()
+
+    async def scenario() -> list[bytes]:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
+            writer.close()
+
+        server = await serve_tcp(SECRET, port, handler)
+        conns = [
+            await asyncio.open_connection("127.0.0.1", port) for _ in range(tcp.MAX_PENDING_HANDSHAKES + 6)
+        ]
+        firsts = [await asyncio.wait_for(r.read(len(tcp.GREETING)), 5) for r, _ in conns]
+        for _, w in conns:
+            w.close()
+        server.cancel()
+        return firsts
+
+    firsts = run(scenario())
+    assert sum(1 for f in firsts if f == tcp.GREETING) == tcp.MAX_PENDING_HANDSHAKES
+    assert sum(1 for f in firsts if f == b"") == 6
+
+
+def test_tcp_host_stops_reading_a_peer_whose_lines_are_not_consumed() -> None:
+    """Read-side flow control after the handshake: while the host's session does not
+    read (it waits for the peer to read its acks), the channel buffers a bounded
+    amount and then the sender blocks; nothing grows without bound."""
+    port = free_port()
+    line = b'{"type": "pong", "nonce": 0, "pad": "' + b"x" * 65_000 + b'"}\n'
+
+    async def scenario() -> int:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
+            await asyncio.sleep(3600)  # never reads
+
+        server = await serve_tcp(SECRET, port, handler)
+        _, writer = await make("tcp", port=port, secret=SECRET).connect()
+        sent = 0
+        try:
+            while sent < 256 * 1024 * 1024:
+                writer.write(line)
+                await asyncio.wait_for(writer.drain(), 2)
+                sent += len(line)
+        except TimeoutError:
+            pass
+        writer.transport.abort()
+        server.cancel()
+        return sent
+
+    sent = run(scenario(), timeout=120)
+    assert sent < 48 * 1024 * 1024, f"the host took {sent} bytes it never read"

@@ -14,13 +14,14 @@ from vmreclaim.core.config import AgentConfig, HostConfig, load_config
 from vmreclaim.core.errors import ConfigError
 from vmreclaim.plugins.policies.threshold import ThresholdOptions
 
+# DESIGN.md section 6, with the format named: `auto` is refused (issue 11 item 1).
 HOST = """\
 hypervisor:
   driver: static
   vms:
     - name: vm1
       disks:
-        - {id: disk0, path: /var/lib/vmreclaim/vm1.qcow2, format: auto}
+        - {id: disk0, path: /var/lib/vmreclaim/vm1.qcow2, format: qcow2}
       channel: {driver: unix, path: /run/vmreclaim/vm1.sock}
 policy: {driver: threshold}
 database: /var/lib/vmreclaim/deletions.sqlite

@@ -95,7 +95,7 @@ def qemu_read(path: Path, fmt: str, offset: int, length: int) -> bytes:
 
 
 def our_map(path: Path, fmt: str = "auto") -> ExtentMap:
-    with open_image(path, fmt) as image:
+    with open_image(path, fmt, writing=False) as image:
         return image.map(ByteRange(0, image.virtual_size)).merged()
 
 

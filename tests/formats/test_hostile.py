@@ -156,13 +156,17 @@ def test_data_file_elsewhere_or_behind_a_link_is_never_punched(tmp_path: Path, c
     other = tmp_path / "elsewhere"
     other.mkdir()
     img = data_file_image(tmp_path, other / "d.raw")
-    code, _, err = cli(capsys, "image", "reclaim", str(img), "--range", "0:65536", "--json")
+    code, _, err = cli(
+        capsys, "image", "reclaim", str(img), "--range", "0:65536", "--format", "qcow2", "--json"
+    )
     assert code == 4 and "not in the image's directory" in err, err
     assert (other / "d.raw").read_bytes()[:65536] == b"\x01" * 65536
     # A symbolic link next to the image, pointing elsewhere.
     (tmp_path / "link.raw").symlink_to(other / "d.raw")
     img2 = qemu_img_create(tmp_path / "df2.qcow2", 4 * MiB, data_file=str(tmp_path / "link.raw"))
-    code, _, err = cli(capsys, "image", "reclaim", str(img2), "--range", "0:65536", "--json")
+    code, _, err = cli(
+        capsys, "image", "reclaim", str(img2), "--range", "0:65536", "--format", "qcow2", "--json"
+    )
     assert code == 4 and "not a regular file" in err, err
     # Map still works: offsets into the data file.
     code, doc, _ = cli(capsys, "image", "map", str(img), "--json")
@@ -175,7 +179,9 @@ def test_data_file_that_is_another_image_is_never_punched(tmp_path: Path, capsys
     victim = qemu_img_create(tmp_path / "d.raw", 4 * MiB)
     qemu_io(victim, "write -P 9 0 2M")
     before = victim.read_bytes()
-    code, _, err = cli(capsys, "image", "reclaim", str(img), "--range", "0:1048576", "--json")
+    code, _, err = cli(
+        capsys, "image", "reclaim", str(img), "--range", "0:1048576", "--format", "qcow2", "--json"
+    )
     assert code == 4 and "is itself a qcow2 or VHD image" in err, err
     assert victim.read_bytes() == before
 

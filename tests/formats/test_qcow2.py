@@ -144,7 +144,7 @@ def test_map_agrees_with_qemu_img_map(
         # Nothing shares a cluster: every stored cluster is the guest's alone, whatever
         # the refcount width (a mis-decoded refcount would show up as "shared" here).
         assert ours.bytes_of(ExtentKind.SHARED) == 0
-    with open_image(top) as image:
+    with open_image(top, writing=False) as image:
         assert image.read(0, image.virtual_size) == qemu_read(top, "qcow2", 0, image.virtual_size)
         # A window inside the disk maps exactly as the same window of the whole map.
         lo, hi = image.virtual_size // 3 + 100, image.virtual_size // 2 + 7
@@ -184,7 +184,7 @@ def test_zstd_compressed_clusters_read_back(tmp_path: Path) -> None:
     qemu_io(img, "write -c -P 9 0 64k", "write -c -P 10 64k 64k")
     m = assert_agrees_with_qemu(img, "qcow2")
     assert m.bytes_of(ExtentKind.COMPRESSED) == 128 * KiB
-    with open_image(img) as image:
+    with open_image(img, writing=False) as image:
         assert image.read(0, 128 * KiB) == b"\x09" * 65536 + b"\x0a" * 65536
 
 
@@ -194,7 +194,7 @@ def test_zstd_without_the_module_is_a_clear_refusal(tmp_path: Path, monkeypatch:
     img = qemu_img_create(tmp_path / "z.qcow2", 2 * MiB, compression_type="zstd")
     qemu_io(img, "write -c -P 9 0 64k")
     monkeypatch.setitem(sys.modules, "zstandard", None)  # import now raises ImportError
-    with open_image(img) as image, pytest.raises(UnsupportedImageError, match="zstandard"):
+    with open_image(img, writing=False) as image, pytest.raises(UnsupportedImageError, match="zstandard"):
         image.read(0, 4096)
 
 
@@ -206,13 +206,13 @@ def test_external_data_file_maps_into_the_data_file(tmp_path: Path) -> None:
     img = qemu_img_create(tmp_path / "y.qcow2", 4 * MiB, data_file=str(tmp_path / "y.raw"))
     qemu_io(img, "write -P 5 1M 128k", "write -z 2M 64k")
     m = assert_agrees_with_qemu(img, "qcow2")
-    with open_image(img) as image:
+    with open_image(img, writing=False) as image:
         assert image.data_file.path.name == "y.raw"
         assert image.info()["data_file"].endswith("y.raw")
         assert image.read(MiB, 128 * KiB) == b"\x05" * 128 * KiB
         assert not image.metadata_ranges()  # the structures live in the .qcow2 file
     assert m.bytes_of(ExtentKind.DATA) == 128 * KiB
-    with open_image(tmp_path / "x.qcow2") as image:
+    with open_image(tmp_path / "x.qcow2", writing=False) as image:
         assert image.data_file.path == tmp_path / "x.raw"
         assert image.read(MiB, 4096) == b"\x05" * 4096
 
@@ -234,7 +234,7 @@ def test_luks_image_maps_but_cannot_be_read(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     sh("qemu-io", "--object", "secret,id=s0,data=pw", "--image-opts",
        f"driver=qcow2,encrypt.key-secret=s0,file.filename={img}", "-c", "write -P 1 0 64k")  # fmt: skip
-    with open_image(img) as image:
+    with open_image(img, writing=False) as image:
         m = image.map(ByteRange(0, image.virtual_size))
         assert m.bytes_of(ExtentKind.DATA) == 64 * KiB
         luks = image.header.crypto_area  # type: ignore[attr-defined]
@@ -254,7 +254,7 @@ def test_bitmaps_and_snapshot_tables_are_metadata(tmp_path: Path) -> None:
     sh("qemu-img", "bitmap", "--add", img, "bm0")
     qemu_io(img, "write -P 2 16M 1M")  # dirties the bitmap: QEMU stores its data clusters
     sh("qemu-img", "snapshot", "-c", "snap", img)
-    with open_image(img) as image:
+    with open_image(img, writing=False) as image:
         meta = image.metadata_ranges()
         data = image.map(ByteRange(0, image.virtual_size)).select(ExtentKind.DATA, ExtentKind.SHARED)
         assert not data.host_ranges().intersect(meta)
@@ -271,7 +271,7 @@ def test_info_reports_chain_and_sizes(tmp_path: Path) -> None:
     mid = qemu_img_create(tmp_path / "mid.qcow2", 8 * MiB, backing="base.qcow2")
     top = qemu_img_create(tmp_path / "top.qcow2", 8 * MiB, backing="mid.qcow2")
     qemu_io(top, "write -P 1 0 1M")
-    with open_image(top) as image:
+    with open_image(top, writing=False) as image:
         info = image.info()
     assert info["format"] == "qcow2" and info["virtual_size"] == 8 * MiB
     assert info["cluster_size"] == 65536
@@ -285,13 +285,13 @@ def test_missing_backing_file_is_refused_with_its_name(tmp_path: Path) -> None:
     top = qemu_img_create(tmp_path / "top.qcow2", 8 * MiB, backing="base.qcow2")
     base.unlink()
     with pytest.raises(UnsupportedImageError, match=r"backing file 'base\.qcow2'"):
-        open_image(top)
+        open_image(top, writing=False)
 
 
 def test_refresh_sees_what_qemu_wrote_since(tmp_path: Path) -> None:
     """A live caller refreshes after its fence: the map must then be current."""
     img = qemu_img_create(tmp_path / "r.qcow2", 4 * MiB)
-    with open_image(img) as image:
+    with open_image(img, writing=False) as image:
         assert image.map(ByteRange(0, 4 * MiB)).bytes_of(ExtentKind.DATA) == 0
         qemu_io(img, "write -P 1 1M 1M")
         sh("qemu-img", "snapshot", "-c", "s", img)

@@ -30,11 +30,14 @@ from formats.imagetools import (
     sh,
     write_vhd,
 )
+from vmreclaim import hookimpl
 from vmreclaim.core.errors import ImageBusyError, UnsupportedImageError
 from vmreclaim.core.extents import ExtentKind
 from vmreclaim.core.image import open_image
 from vmreclaim.core.pipeline import Pipeline
+from vmreclaim.core.plugins import Plugins
 from vmreclaim.core.ranges import ByteRange, RangeSet
+from vmreclaim.core.reclaim import ReclaimPlan
 from vmreclaim.testing import make_disk, qemu_io_holding
 
 pytestmark = pytest.mark.qemu
@@ -61,7 +64,7 @@ def assert_punched(before: bytes, after: bytes, punched: list[tuple[int, int]]) 
 def punchable(img: Path, guest: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """The guest ranges whose host bytes are whole host-filesystem blocks (4 KiB)."""
     out = []
-    with open_image(img) as image:
+    with open_image(img, writing=False) as image:
         for start, length in guest:
             for ext in image.map(ByteRange(start, length)):
                 if ext.kind is not ExtentKind.DATA or ext.offset is None:
@@ -134,7 +137,9 @@ def test_backing_file_is_never_written(tmp_path: Path, capsys: Any) -> None:
     qemu_io(top, "write -P 2 1M 1M")
     base_digest, base_mtime = digest(base), base.stat().st_mtime_ns
     before = qemu_read(top, "qcow2", 0, 4 * MiB)
-    code, doc, _ = cli(capsys, "image", "reclaim", str(top), "--range", f"0:{4 * MiB}", "--json")
+    code, doc, _ = cli(
+        capsys, "image", "reclaim", str(top), "--range", f"0:{4 * MiB}", "--format", "qcow2", "--json"
+    )
     assert code == 0
     assert doc["punched_bytes"] == MiB
     assert {(s["start"], s["length"], s["reason"]) for s in doc["skipped"]} == {
@@ -232,8 +237,9 @@ def test_deep_mode_is_refused_for_v2_with_backing(tmp_path: Path, capsys: Any) -
     top = qemu_img_create(tmp_path / "t.qcow2", 4 * MiB, compat="0.10", backing="b.qcow2")
     qemu_io(top, "write -P 1 0 1M")
     d = digest(top)
-    code, _, err = cli(capsys, "image", "reclaim", str(top), "--range", f"0:{MiB}", "--deep", "--json")
-    assert code == 4 and "deep" in err
+    code, _, err = cli(capsys, "image", "reclaim", str(top), "--range", f"0:{MiB}", "--deep", "--format",
+                       "qcow2", "--json")  # fmt: skip
+    assert code == 4 and "version 2 qcow2 image with a backing file" in err
     assert digest(top) == d and base.exists()
 
 
@@ -252,9 +258,12 @@ def test_external_data_file_is_punched_and_locked(tmp_path: Path, capsys: Any) -
     qcow2_digest = digest(img)
     data = tmp_path / "x.raw"
     with qemu_io_holding(img, "qcow2"):  # QEMU locks the data file as well
-        code, _, err = cli(capsys, "image", "reclaim", str(img), "--range", f"0:{MiB}", "--json")
+        code, _, err = cli(
+            capsys, "image", "reclaim", str(img), "--range", f"0:{MiB}", "--format", "qcow2", "--json"
+        )
         assert code == 3, err
-    code, doc, err = cli(capsys, "image", "reclaim", str(img), "--range", f"{64 * KiB}:{MiB}", "--json")
+    code, doc, err = cli(capsys, "image", "reclaim", str(img), "--range", f"{64 * KiB}:{MiB}", "--format",
+                         "qcow2", "--json")  # fmt: skip
     assert code == 0, err
     assert doc["punched_bytes"] == MiB and doc["freed_bytes"] > 0
     assert digest(img) == qcow2_digest  # the metadata file is never written
@@ -300,17 +309,19 @@ def test_differencing_vhd_punches_the_child_never_the_parent(tmp_path: Path, cap
         size=size, parent=parent, parent_uid=parent_uid, locators=[(W2RU, "parent.vhd".encode("utf-16-le"))],
         blocks={1: (bitmap_of(range(0, 2048)), data)}))  # fmt: skip
     parent_digest = digest(parent)
-    with open_image(child) as image:
+    with open_image(child, "vhd") as image:
         assert image.info()["backing"] == [str(parent)]
         # Sectors 0-2047 of block 1 are the child's, the rest of the block the parent's.
         assert image.read(2 * MiB, MiB) == data[:MiB]
         assert image.read(3 * MiB, MiB) == b"\x01" * MiB
-    code, doc, err = cli(capsys, "image", "reclaim", str(child), "--range", f"0:{size}", "--json")
+    code, doc, err = cli(
+        capsys, "image", "reclaim", str(child), "--range", f"0:{size}", "--format", "vhd", "--json"
+    )
     assert code == 0, err
     expect = punchable(child, [(2 * MiB, MiB)])
     assert doc["punched_bytes"] == sum(n for _, n in expect) >= MiB - 4096
     assert digest(parent) == parent_digest
-    with open_image(child) as image:
+    with open_image(child, "vhd") as image:
         after = image.read(2 * MiB, 2 * MiB)
     assert_punched(data[:MiB] + b"\x01" * MiB, after, [(s - 2 * MiB, n) for s, n in expect])
 
@@ -331,3 +342,46 @@ def test_vhd_has_no_deep_mode(tmp_path: Path) -> None:
     qemu_io(img, "write -P 3 0 1M", fmt="vpc")
     with open_image(img) as image, pytest.raises(UnsupportedImageError, match="deep"):
         Pipeline().reclaim(make_disk(img), image, RangeSet.from_ranges([(0, MiB)]), deep=True)
+
+
+# -- every mode acts on the filtered plan (issue 11 item 7) ------------------------------------
+
+
+class KeepOnly:
+    """A hook plugin that vetoes every host byte but those of the guest range ``keep``
+    (a stand-in for a site policy: "never touch this region")."""
+
+    def __init__(self, keep: ByteRange | None) -> None:
+        self.keep = keep
+
+    @hookimpl
+    def vmreclaim_translate_filter(self, image: Any, plan: ReclaimPlan) -> RangeSet:
+        if self.keep is None:
+            return RangeSet()
+        return image.map(self.keep).select(ExtentKind.DATA).host_ranges()
+
+
+@pytest.mark.parametrize("deep", [False, True], ids=["punch", "deep"])
+def test_a_vetoing_plugin_holds_in_every_mode(full_qcow2: Path, deep: bool) -> None:
+    """Asked for guest [0, 4M), a plugin keeps only [2M, 3M): the other 3 MiB read as
+    before through QEMU (the deep discard must not release them either)."""
+    img = full_qcow2
+    before = qemu_read(img, "qcow2", 0, 8 * MiB)
+    with open_image(img, "qcow2") as image:
+        pipeline = Pipeline(Plugins([KeepOnly(ByteRange(2 * MiB, MiB))]))
+        report = pipeline.reclaim(make_disk(img), image, RangeSet([0], [4 * MiB]), deep=deep)
+    assert report.punched_bytes == MiB
+    assert_punched(before, qemu_read(img, "qcow2", 0, 8 * MiB), [(2 * MiB, MiB)])
+    qemu_check(img)
+    if deep:
+        assert our_map(img, "qcow2").bytes_of(ExtentKind.ZERO) == MiB
+
+
+@pytest.mark.parametrize("deep", [False, True], ids=["punch", "deep"])
+def test_a_plugin_that_vetoes_everything_leaves_the_image_unchanged(full_qcow2: Path, deep: bool) -> None:
+    d = digest(full_qcow2)
+    with open_image(full_qcow2, "qcow2") as image:
+        pipeline = Pipeline(Plugins([KeepOnly(None)]))
+        report = pipeline.reclaim(make_disk(full_qcow2), image, RangeSet([0], [4 * MiB]), deep=deep)
+    assert report.punched_bytes == 0 and report.freed_bytes == 0
+    assert digest(full_qcow2) == d

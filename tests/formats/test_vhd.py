@@ -58,7 +58,7 @@ def test_map_agrees_with_qemu_img_map(
     if cmds:
         qemu_io(img, *cmds, fmt="vpc")
     assert_agrees_with_qemu(img, "vpc", strict_zero=False)
-    with open_image(img) as image:
+    with open_image(img, writing=False) as image:
         assert image.format_name == "vhd"
         assert image.read(0, vsize) == qemu_read(img, "vpc", 0, vsize)
 
@@ -83,14 +83,14 @@ def test_virtual_size_follows_qemus_rule(tmp_path: Path, creator: bytes) -> None
     patch_creator(img, creator, at=img.stat().st_size - 512)
     info = sh("qemu-img", "info", "-f", "vpc", "--output=json", img).stdout
     expected = __import__("json").loads(info)["virtual-size"]
-    with open_image(img) as image:
+    with open_image(img, writing=False) as image:
         assert image.virtual_size == expected
         assert image.virtual_size == (64 * MiB if creator not in (b"vpc ", b"qemu") else 67125248)
 
 
 def test_force_size_image_uses_current_size(tmp_path: Path) -> None:
     img = qemu_img_create(tmp_path / "f.vhd", 64 * MiB + 512, "vpc", force_size=True)
-    with open_image(img) as image:
+    with open_image(img, writing=False) as image:
         assert image.virtual_size == 64 * MiB + 512
         assert image.info()["creator"] == "qem2"
 
@@ -118,7 +118,7 @@ def test_differencing_disk_follows_the_specification(
     parent_data = pattern(size, 99)
     parent = write_vhd(tmp / "parent.vhd", VhdSpec(size=size, block_size=block, blocks={
         b: (b"\xff" * 512, parent_data[b * block : (b + 1) * block]) for b in range(nblocks)}))  # fmt: skip
-    with open_image(parent) as p:
+    with open_image(parent, writing=False) as p:
         uid = p.footer.unique_id  # type: ignore[attr-defined]
     child_data = {b: pattern(block, b) for b in bitmaps}
     spec = VhdSpec(size=size, block_size=block, parent=parent, parent_uid=uid,
@@ -126,7 +126,7 @@ def test_differencing_disk_follows_the_specification(
                    blocks={b: (bitmap_of(s, block), child_data[b]) for b, s in bitmaps.items()})  # fmt: skip
     child = write_vhd(tmp / "child.vhd", spec)
     expected = spec_map(spec)
-    with open_image(child) as image:
+    with open_image(child, writing=False) as image:
         assert image.info()["subformat"] == "differencing"
         m = image.map(ByteRange(0, size))
         got = m.kinds[np.searchsorted(m.starts + m.lengths, np.arange(size // 512) * 512, side="right")]
@@ -151,7 +151,7 @@ def test_differencing_disk_follows_the_specification(
 def test_dynamic_disk_clear_bits_are_unallocated_zeros(tmp_path: Path) -> None:
     data = pattern(2 * MiB, 3)
     img = write_vhd(tmp_path / "p.vhd", VhdSpec(size=4 * MiB, blocks={1: (bitmap_of(range(8, 16)), data)}))
-    with open_image(img) as image:
+    with open_image(img, writing=False) as image:
         m = image.map(ByteRange(0, 4 * MiB))
         assert [(e.start, e.length, e.kind.label) for e in m] == [
             (0, 2 * MiB + 4096, "unallocated"), (2 * MiB + 4096, 4096, "data"),
@@ -199,10 +199,10 @@ def test_missing_parent_and_wrong_parent_are_refused(tmp_path: Path) -> None:
     spec = VhdSpec(size=2 * MiB, parent=parent, parent_uid=b"\x01" * 16, locators=locators)
     child = write_vhd(tmp_path / "child.vhd", spec)
     with pytest.raises(CorruptImageError, match="unique id"):
-        open_image(child)
+        open_image(child, writing=False)
     parent.unlink()
     with pytest.raises(UnsupportedImageError, match="parent of differencing VHD not found"):
-        open_image(child)
+        open_image(child, writing=False)
 
 
 def test_overlapping_blocks_are_corrupt(tmp_path: Path) -> None:
@@ -214,4 +214,4 @@ def test_overlapping_blocks_are_corrupt(tmp_path: Path) -> None:
         first = struct.unpack(">I", f.read(4))[0]
         f.write(struct.pack(">I", first + 8))
     with pytest.raises(CorruptImageError, match="overlaps block 0"):
-        open_image(img)
+        open_image(img, writing=False)

@@ -16,6 +16,7 @@ from hosttest import MiB, Site, allocated, eventually, running
 
 from vmreclaim import hookimpl
 from vmreclaim.core.hypervisors import HypervisorCapabilities, VMInfo
+from vmreclaim.core.lease import Lease
 from vmreclaim.core.model import Disk, VMIdentity
 from vmreclaim.core.plugins import Plugins
 from vmreclaim.core.protocol import Fence, HelloDisk, Released, Trim
@@ -41,21 +42,26 @@ def one_vm(site: Site, **disk: Any) -> tuple[Path, Path]:
 
 
 class PunchClock:
-    """A hook plugin that notes when the core punch runs (and may stall translation)."""
+    """A hook plugin that notes when the punch is about to run (the translate filter, the
+    last hook before it) and when it has run (``reclaim_done``), what lease the filter
+    was given, and may stall translation."""
 
     def __init__(self, stall: float = 0.0) -> None:
         self.stall = stall
-        self.punches: list[float] = []
+        self.filtered: list[float] = []
+        self.done: list[float] = []
+        self.leases: list[Lease | None] = []
 
     @hookimpl
-    def vmreclaim_translate_filter(self, plan: ReclaimPlan) -> RangeSet | None:
+    def vmreclaim_translate_filter(self, plan: ReclaimPlan, lease: Lease | None) -> RangeSet | None:
+        self.leases.append(lease)
         time.sleep(self.stall)
+        self.filtered.append(time.monotonic())
         return None
 
-    @hookimpl(wrapper=True)
-    def vmreclaim_reclaim_punch(self, plan: ReclaimPlan) -> Any:
-        self.punches.append(time.monotonic())
-        return (yield)
+    @hookimpl
+    def vmreclaim_reclaim_done(self) -> None:
+        self.done.append(time.monotonic())
 
 
 class JobsHypervisor(StaticHypervisor):
@@ -101,8 +107,11 @@ def test_only_the_reverified_ranges_are_punched_inside_the_fence(site: Site) -> 
             ready_at, _ = peer.ready[fence.fence]
             released_at, release = peer.releases[0]
             assert release.fence == fence.fence
-            (punched_at,) = clock.punches
-            assert ready_at <= punched_at <= released_at
+            (punched_at,) = clock.filtered
+            (done_at,) = clock.done
+            assert ready_at <= punched_at <= done_at <= released_at
+            (lease,) = clock.leases
+            assert lease is not None  # the fence's lease, handed to the filter
 
     asyncio.run(main())
     assert allocated(image) == 7 * MiB
@@ -177,7 +186,7 @@ def test_translation_that_outlasts_the_lease_punches_nothing(site: Site) -> None
             await eventually(lambda: rt.last_attempt is not None, timeout=10)
             assert rt.last_attempt is not None and rt.last_attempt.outcome == "expired"
             assert "lease ended" in rt.last_attempt.detail
-            assert clock.punches == []
+            assert clock.done == []  # reclaim_done follows a punch; none ran
 
     asyncio.run(main())
     assert allocated(image) == 8 * MiB

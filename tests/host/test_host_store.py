@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -130,3 +131,42 @@ def test_ranges_blob_round_trip_and_damage() -> None:
     bad = (10).to_bytes(8, "little") + (5).to_bytes(8, "little")  # end before start
     with pytest.raises(VMReclaimError, match="reversed"):
         decode_ranges(bad, "record 8")
+
+
+def _modes(path: Path) -> dict[str, int]:
+    return {
+        suffix: os.stat(f"{path}{suffix}").st_mode & 0o777
+        for suffix in ("", "-wal", "-shm", ".lock")
+        if os.path.exists(f"{path}{suffix}")
+    }
+
+
+def test_a_new_database_and_its_wal_and_shm_are_0600_whatever_the_umask(tmp_path: Path) -> None:
+    """Deletion history and image paths are nobody else's business (issue 11 item 9)."""
+    path = tmp_path / "d.sqlite"
+    old = os.umask(0o022)
+    try:
+        store = DeletionStore(path)
+        store.append([rec(1, "vm1/disk0", [(0, 4096)])])
+        modes = _modes(path)
+        store.close()
+    finally:
+        os.umask(old)
+    assert set(modes) >= {"", "-wal", "-shm"}
+    assert modes == dict.fromkeys(modes, 0o600)
+
+
+def test_an_existing_readable_database_is_made_0600(tmp_path: Path) -> None:
+    path = tmp_path / "d.sqlite"
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("CREATE TABLE t (x)")
+    for suffix in ("", "-wal", "-shm"):
+        os.chmod(f"{path}{suffix}", 0o644)
+    store = DeletionStore(path)
+    try:
+        modes = _modes(path)
+    finally:
+        store.close()
+        con.close()
+    assert modes == dict.fromkeys(modes, 0o600)

@@ -33,8 +33,13 @@ SECTOR = 512
 MAX_DEPTH = 16
 
 
-class TopologyError(Exception):
-    """The device stack under a filesystem cannot be translated to one virtual disk."""
+class _TopologyError(Exception):
+    """The device stack under a filesystem cannot be translated to one virtual disk.
+
+    Private to the agent: :mod:`vmreclaim.agent.filesystems` turns it into an
+    :class:`~vmreclaim.core.errors.AgentSetupError` (no mount) or into the
+    ``fitrim-only`` mode (a device that maps to no single disk); it never leaves the agent.
+    """
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,7 @@ class Topology:
         """The sysfs directory of block device ``dev`` (a ``dev_t``)."""
         link = self.root / "dev" / "block" / f"{os.major(dev)}:{os.minor(dev)}"
         if not link.exists():
-            raise TopologyError(f"device {os.major(dev)}:{os.minor(dev)} is not a block device (no {link})")
+            raise _TopologyError(f"device {os.major(dev)}:{os.minor(dev)} is not a block device (no {link})")
         return link.resolve()
 
     def map_device(self, dev: int) -> DiskMap:
@@ -117,7 +122,7 @@ class Topology:
         disks = {p[2] for p in pieces}
         if len(disks) != 1:
             names = ", ".join(sorted(d.name for d in disks))
-            raise TopologyError(f"/dev/{sysdir.name} spans several disks ({names}); records need one disk")
+            raise _TopologyError(f"/dev/{sysdir.name} spans several disks ({names}); records need one disk")
         (disk,) = disks
         segments = tuple(sorted((Segment(s, n, ds) for s, n, _, ds in pieces), key=lambda seg: seg.start))
         return DiskMap(
@@ -131,7 +136,7 @@ class Topology:
     def _resolve(self, dev: int, lo: int, hi: int, steps: list[str], depth: int) -> list[Piece]:
         """Where bytes ``[lo, hi)`` of ``dev`` lie, as pieces in ``dev``'s coordinates."""
         if depth > MAX_DEPTH:
-            raise TopologyError(f"block device stack deeper than {MAX_DEPTH} levels")
+            raise _TopologyError(f"block device stack deeper than {MAX_DEPTH} levels")
         sysdir = self.sysfs_dir(dev)
         if (sysdir / "partition").exists():
             offset = int(_read(sysdir / "start")) * SECTOR
@@ -148,7 +153,7 @@ class Topology:
         try:
             table = self.dm_table(dm_name)
         except OSError as exc:
-            raise TopologyError(
+            raise _TopologyError(
                 f"cannot read the device-mapper table of {dm_name}: {exc.strerror or exc}"
             ) from exc
         steps.append(f"{sysdir.name} ({dm_name})")
@@ -159,7 +164,7 @@ class Topology:
             if seg_lo >= seg_hi:
                 continue
             if target.type != "linear":
-                raise TopologyError(
+                raise _TopologyError(
                     f"device-mapper {dm_name} uses a {target.type!r} target at sector {target.start}: only "
                     "'linear' maps bytes one to one"
                 )
@@ -168,7 +173,7 @@ class Topology:
             for s, n, d, ds in self._resolve(under, u_lo, u_lo + (seg_hi - seg_lo), steps, depth + 1):
                 pieces.append((seg_lo + (s - u_lo), n, d, ds))
         if sum(p[1] for p in pieces) != hi - lo:
-            raise TopologyError(f"device-mapper {dm_name} table leaves bytes of [{lo}, {hi}) unmapped")
+            raise _TopologyError(f"device-mapper {dm_name} table leaves bytes of [{lo}, {hi}) unmapped")
         return pieces
 
 
@@ -210,7 +215,7 @@ def _linear_params(dm_name: str, params: str) -> tuple[int, int]:
         major, minor = device.split(":")
         return os.makedev(int(major), int(minor)), int(offset)
     except ValueError:
-        raise TopologyError(
+        raise _TopologyError(
             f"device-mapper {dm_name}: linear target parameters {params!r} are not 'MAJ:MIN OFFSET'"
         ) from None
 
@@ -243,7 +248,7 @@ def find_mount(path: Path) -> MountInfo:
             if best is None or len(info.mount.parts) >= len(best.mount.parts):
                 best = info
     if best is None:
-        raise TopologyError(f"{path}: no mount in /proc/self/mountinfo holds it")
+        raise _TopologyError(f"{path}: no mount in /proc/self/mountinfo holds it")
     return best
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from vmreclaim.agent import linux
 from vmreclaim.agent.filesystems import WatchedFs
+from vmreclaim.core.errors import FenceError
 
 log = logging.getLogger("vmreclaim.agent")
 
@@ -41,10 +42,6 @@ log = logging.getLogger("vmreclaim.agent")
 GUARDIAN_GRACE = 0.5
 #: Fence ids remembered after they end, to answer a late ``release`` idempotently.
 FINISHED_MEMORY = 1024
-
-
-class FenceFailed(Exception):
-    """The fence could not be raised; nothing it froze is left frozen."""
 
 
 @dataclass
@@ -63,7 +60,11 @@ class FenceState:
     deadline: float
     lease_ms: int
     members: list[_Member]
+    #: Whose fence it is (a channel session): its fences are thawed when it closes.
     owner: object = None
+    #: Called with the fence id when the lease runs out after ``fence_ready`` was sent,
+    #: so the owner can report the end with ``released``.
+    on_lease_expired: Callable[[int], None] | None = None
     #: ``fence_ready`` was sent: its end must be reported with ``released``.
     announced: bool = False
     #: Why it ended (``release``, ``lease``, ``error``), ``None`` while up.
@@ -178,12 +179,14 @@ class FenceKeeper:
         deadline: float,
         lease_ms: int,
         owner: object,
+        on_lease_expired: Callable[[int], None] | None = None,
     ) -> FenceState:
         """Register a fence (watchdog and guardian armed) before anything is frozen."""
-        fence = FenceState(fence_id, disk, deadline, lease_ms, [_Member(fs) for fs in filesystems], owner)
+        members = [_Member(fs) for fs in filesystems]
+        fence = FenceState(fence_id, disk, deadline, lease_ms, members, owner, on_lease_expired)
         with self._cond:
             if disk in self.active:
-                raise FenceFailed(f"disk {disk!r} is already fenced (fence {self.active[disk].id})")
+                raise FenceError(f"disk {disk!r} is already fenced (fence {self.active[disk].id})")
             self.active[disk] = fence
             self._cond.notify_all()
         self._hold()
@@ -198,7 +201,7 @@ class FenceKeeper:
         for m in fence.members:
             with fence.lock:
                 if fence.why is not None:
-                    raise FenceFailed(f"the fence ended ({fence.why}) while freezing")
+                    raise FenceError(f"the fence ended ({fence.why}) while freezing")
                 m.state = "freezing"
             try:
                 linux.freeze(m.fs.fd)
@@ -206,12 +209,12 @@ class FenceKeeper:
                 with fence.lock:
                     m.state = "idle"
                 reason = "already frozen by someone else" if exc.errno == 16 else exc.strerror or str(exc)
-                raise FenceFailed(f"FIFREEZE {m.fs.mount}: {reason}") from exc
+                raise FenceError(f"FIFREEZE {m.fs.mount}: {reason}") from exc
             with fence.lock:
                 if m.state == "expired":
                     _thaw(m.fs)
                     m.state = "thawed"
-                    raise FenceFailed(f"the lease ran out while {m.fs.mount} was being frozen")
+                    raise FenceError(f"the lease ran out while {m.fs.mount} was being frozen")
                 m.state = "frozen"
 
     def finish(self, fence: FenceState, why: str) -> bool:

@@ -30,19 +30,16 @@ from pathlib import Path
 from typing import Literal
 
 from vmreclaim.agent import linux
-from vmreclaim.agent.devices import DiskMap, Topology, TopologyError, find_mount
+from vmreclaim.agent.devices import DiskMap, Topology, _TopologyError, find_mount
 from vmreclaim.core.captures import FileExtents
 from vmreclaim.core.config import FilesystemEntry
+from vmreclaim.core.errors import AgentSetupError
 from vmreclaim.core.pipeline import Pipeline
 from vmreclaim.core.ranges import ByteRange, RangeSet
 
 log = logging.getLogger("vmreclaim.agent")
 
 VerifyMode = Literal["getfsmap", "fitrim-only"]
-
-
-class SetupError(Exception):
-    """A configured filesystem cannot be watched; the message names it and says why."""
 
 
 class WatchedFs:
@@ -54,7 +51,7 @@ class WatchedFs:
         try:
             self.fd = os.open(self._mount, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
-            raise SetupError(f"filesystem {entry.mount}: cannot open it: {exc.strerror}") from exc
+            raise AgentSetupError(f"filesystem {entry.mount}: cannot open it: {exc.strerror}") from exc
         try:
             self._setup(topology or Topology())
         except BaseException:
@@ -65,25 +62,27 @@ class WatchedFs:
         entry = self.entry
         try:
             info = find_mount(self._mount)
-        except (OSError, TopologyError) as exc:
-            raise SetupError(f"filesystem {entry.mount}: {exc}") from exc
+        except (OSError, _TopologyError) as exc:
+            raise AgentSetupError(f"filesystem {entry.mount}: {exc}") from exc
         if info.mount != self._mount:
-            raise SetupError(f"filesystem {entry.mount}: not a mount point (it lies on {info.mount})")
+            raise AgentSetupError(f"filesystem {entry.mount}: not a mount point (it lies on {info.mount})")
         self.dev = os.fstat(self.fd).st_dev
         self._fstype = info.fstype
         self.diskmap: DiskMap | None = None
         self.problem: str | None = None
         self.mode: VerifyMode = "getfsmap"
         try:
-            linux.free_space(self.fd, self.dev, 0, 1)
-        except linux.FsmapUnsupported as exc:
-            self.mode = "fitrim-only"
-            self.problem = f"{self._fstype} has no GETFSMAP ({os.strerror(exc.errno or 0)})"
+            missing = linux.fsmap_missing(self.fd, self.dev)
         except OSError as exc:
-            raise SetupError(f"filesystem {entry.mount}: GETFSMAP failed: {exc.strerror or exc}") from exc
+            raise AgentSetupError(
+                f"filesystem {entry.mount}: GETFSMAP failed: {exc.strerror or exc}"
+            ) from exc
+        if missing is not None:
+            self.mode = "fitrim-only"
+            self.problem = f"{self._fstype} has no GETFSMAP ({missing})"
         try:
             self.diskmap = topology.map_device(self.dev)
-        except TopologyError as exc:
+        except _TopologyError as exc:
             self.mode = "fitrim-only"
             self.problem = self.problem or str(exc)
         if entry.disk is not None:
@@ -92,7 +91,7 @@ class WatchedFs:
             self.disk_id = self.diskmap.disk.serial
         else:
             where = self.diskmap.disk.name if self.diskmap is not None else "its disk"
-            raise SetupError(
+            raise AgentSetupError(
                 f"filesystem {entry.mount}: {where} has no serial number; name the disk in the "
                 "configuration (filesystems: - {mount: ..., disk: NAME})"
             )

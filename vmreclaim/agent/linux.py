@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import fcntl
 import os
 import struct
@@ -80,9 +81,19 @@ FSMAP_BATCH = 1024
 _U64 = 2**64 - 1
 
 
-class FsmapUnsupported(OSError):
-    """The filesystem cannot answer GETFSMAP (ENOTTY, EOPNOTSUPP) or answers without
-    device numbers, so its answers cannot be tied to the device we translate."""
+def fsmap_missing(fd: int, device: int) -> str | None:
+    """Why the filesystem open as ``fd`` cannot answer GETFSMAP for ``device`` (the
+    ``strerror`` of ENOTTY or EOPNOTSUPP), or ``None`` when it can.
+
+    Raises ``OSError`` for any other failure (the filesystem should answer and did not).
+    """
+    try:
+        free_space(fd, device, 0, 1)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTTY, errno.EOPNOTSUPP):
+            return os.strerror(exc.errno)
+        raise
+    return None
 
 
 def free_space(fd: int, device: int, start: int, end: int) -> RangeSet:
@@ -105,12 +116,13 @@ def free_space(fd: int, device: int, start: int, end: int) -> RangeSet:
         try:
             fcntl.ioctl(fd, FS_IOC_GETFSMAP, buf, True)
         except OSError as exc:
-            if exc.errno in (25, 95):  # ENOTTY, EOPNOTSUPP
-                raise FsmapUnsupported(exc.errno, "GETFSMAP is not supported here") from exc
+            if exc.errno in (errno.ENOTTY, errno.EOPNOTSUPP):
+                raise OSError(exc.errno, "GETFSMAP is not supported here") from exc
             raise
         oflags, _count, entries = struct.unpack_from("=III", buf, 4)
         if not oflags & FMH_OF_DEV_T:
-            raise FsmapUnsupported(95, "GETFSMAP answers without device numbers (FMH_OF_DEV_T)")
+            # Answers that cannot be tied to the device we translate are no answers.
+            raise OSError(errno.EOPNOTSUPP, "GETFSMAP answers without device numbers (FMH_OF_DEV_T)")
         if entries == 0:
             break
         recs = np.frombuffer(buf, dtype=FSMAP_DTYPE, count=entries, offset=_FSMAP_RECS)

@@ -18,23 +18,23 @@ import random
 import signal
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 
 from vmreclaim import __version__
-from vmreclaim.agent import linux
-from vmreclaim.agent.fence import FenceFailed, FenceKeeper, FenceState, Guardian
-from vmreclaim.agent.filesystems import SetupError, WatchedFs, verify
+from vmreclaim.agent import linux, reconcile
+from vmreclaim.agent.fence import FenceKeeper, FenceState, Guardian
+from vmreclaim.agent.filesystems import WatchedFs, verify
 from vmreclaim.agent.logs import HoldingHandler
-from vmreclaim.agent.notify import MAX_EVENTS, EventSource, open_source
-from vmreclaim.agent.session import Session, fence_ready
-from vmreclaim.agent.spool import Spool, SpoolError
+from vmreclaim.agent.session import Session
+from vmreclaim.agent.spool import Spool
+from vmreclaim.agent.watcher import FsWatcher
 from vmreclaim.core import protocol as p
-from vmreclaim.core.captures import Capture, CaptureOptions, FsEvent, FsEventKind
+from vmreclaim.core.captures import Capture
 from vmreclaim.core.config import AgentConfig
-from vmreclaim.core.errors import ChannelError, UsageError
+from vmreclaim.core.errors import AgentSetupError, ChannelError, FenceError
 from vmreclaim.core.loader import load_driver
-from vmreclaim.core.model import DeletionRecord
+from vmreclaim.core.model import MAX_RANGES_PER_RECORD, DeletionRecord
 from vmreclaim.core.pipeline import Pipeline
 from vmreclaim.core.ranges import ByteRange, RangeSet
 from vmreclaim.core.transports import Transport
@@ -45,19 +45,6 @@ log = logging.getLogger("vmreclaim.agent")
 RECORD_RANGES = 16384
 #: Reconnect backoff: first delay, factor, ceiling (seconds).
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
-#: A filesystem without GETFSMAP is trimmed after deletions at most this often.
-FITRIM_INTERVAL = 30.0
-#: After reading events, the agent waits this long before it reads again.
-READ_GATHER = 0.05
-#: Events for drivers that learn as they go are handed over at most this often.
-EAGER_INTERVAL = 0.05
-#: After a pass triggered by events, one more pass this long after (XFS background
-#: inactivation, a deleted file's last close, a journal commit), unless events come first.
-FOLLOW_UP = 2.0
-
-
-class AgentSetupError(UsageError):
-    """The agent cannot start: a filesystem, the spool or the channel is unusable."""
 
 
 def has_cap_sys_admin() -> bool:
@@ -72,222 +59,12 @@ def has_cap_sys_admin() -> bool:
     return os.geteuid() == 0
 
 
-class FsWatcher:
-    """Events, debounce and passes of one filesystem."""
-
-    def __init__(self, agent: Agent, fs: WatchedFs, capture: Capture) -> None:
-        self.agent = agent
-        self.fs = fs
-        self.capture = capture
-        self.options: CaptureOptions = capture.options
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"vmreclaim-pass-{fs.mount.name or 'root'}")
-        self.source: EventSource | None = None
-        self.events: list[FsEvent] = []
-        self.eager: list[FsEvent] = []
-        self.eager_scheduled = False
-        self.last_eager = 0.0
-        self.eager_cost = 0.0
-        self.first_event: float | None = None
-        self.last_event = 0.0
-        self.follow_up: float | None = None
-        self.wake = asyncio.Event()
-        self.last_trim = 0.0
-        self.trim_unsupported = False
-        self.passes = 0
-        self.task: asyncio.Task[None] | None = None
-        self.stopped = False
-
-    async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        fs = self.fs
-        if fs.mode == "fitrim-only":
-            log.warning(
-                "%s: no records from this filesystem (%s); it is trimmed (FITRIM) after deletions instead%s",
-                fs.mount,
-                fs.problem,
-                "" if fs.discard else ", which needs a disk that passes discards",
-            )
-        try:
-            self.source, how = await loop.run_in_executor(
-                self.executor,
-                lambda: open_source(
-                    fs.mount, self.options.events, want_paths=self.capture.capabilities.needs_paths
-                ),
-            )
-        except OSError as exc:
-            raise AgentSetupError(f"{fs.mount}: no event source ({self.options.events}): {exc}") from exc
-        log.info("watching %s with %s; capture %s", fs.describe(), how, type(self.capture).__name__)
-        await loop.run_in_executor(self.executor, self._begin)
-        if self.source is not None:
-            loop.add_reader(self.source.fileno(), self._readable)
-        self.task = asyncio.create_task(self._run())
-
-    def _begin(self) -> None:
-        """The first pass: report what is free already (or take it as the baseline)."""
-        fs, agent = self.fs, self.agent
-        if fs.mode != "getfsmap":
-            self.capture.begin(fs, RangeSet())
-            return
-        whole = RangeSet.from_ranges([(0, fs.size)])
-        if agent.config.report_existing_free_space:
-            v = verify(fs, agent.pipeline.captured(str(fs.entry.mount), fs.device, whole), agent.pipeline)
-            self._report(v.found, "already free at start")
-            baseline = v.free
-        else:
-            fs.commit()
-            baseline = fs.free_space()
-        self.capture.begin(fs, baseline)
-
-    def _readable(self) -> None:
-        assert self.source is not None
-        try:
-            events = self.source.read()
-        except OSError as exc:
-            log.error("%s: reading events failed: %s", self.fs.mount, exc)
-            return
-        # Let events gather in the kernel's queue for a moment before the next read:
-        # woken for each one, the agent would pay a wake-up per unlink of an rm -rf,
-        # and queued events of one directory merge into one.
-        fd = self.source.fileno()
-        loop = self.agent.loop
-        loop.remove_reader(fd)
-        loop.call_later(READ_GATHER, self._rearm, fd)
-        if not events:
-            return
-        now = time.monotonic()
-        if self.capture.capabilities.eager_writes:
-            # In order, at most every EAGER_INTERVAL: a burst of writes costs one look.
-            self.eager += events
-            if len(self.eager) > MAX_EVENTS:
-                self.eager = [FsEvent(FsEventKind.OVERFLOW)]
-            if not self.eager_scheduled:
-                self.eager_scheduled = True
-                # A driver whose look is slow (GETFSMAP of a huge, fragmented
-                # filesystem) is asked less often: at most a fifth of a thread.
-                interval = max(EAGER_INTERVAL, 4 * self.eager_cost)
-                delay = max(0.0, self.last_eager + interval - now)
-                self.agent.loop.call_later(delay, self._flush_eager)
-        else:
-            self.events += events
-            if len(self.events) > MAX_EVENTS:
-                self.events = [FsEvent(FsEventKind.OVERFLOW)]
-        if self.first_event is None:
-            self.first_event = now
-        self.last_event = now
-        self.wake.set()
-
-    def _rearm(self, fd: int) -> None:
-        if self.source is not None and self.source.fileno() == fd and not self.stopped:
-            self.agent.loop.add_reader(fd, self._readable)
-
-    def _flush_eager(self) -> None:
-        self.eager_scheduled = False
-        self.last_eager = time.monotonic()
-        events, self.eager = self.eager, []
-        if events:
-            self.executor.submit(self._observe, events)
-
-    def _observe(self, events: list[FsEvent]) -> None:
-        start = time.monotonic()
-        try:
-            self.capture.observe(events)
-        except Exception:
-            log.exception("%s: capture driver failed on events", self.fs.mount)
-        self.eager_cost = time.monotonic() - start
-
-    async def _run(self) -> None:
-        opts = self.options
-        scan_at = time.monotonic() + opts.scan_seconds if opts.scan_seconds else None
-        while True:
-            now = time.monotonic()
-            due: float | None
-            if self.first_event is not None:
-                due = min(self.last_event + opts.debounce_seconds, self.first_event + opts.max_delay_seconds)
-                reason = "events"
-            else:
-                timers = [
-                    (t, r) for t, r in ((self.follow_up, "follow-up"), (scan_at, "scan")) if t is not None
-                ]
-                due, reason = min(timers) if timers else (None, "")
-            if due is None or due > now:
-                self.wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), None if due is None else due - now)
-                continue
-            if reason == "events":
-                self.first_event = None
-                self.follow_up = time.monotonic() + max(FOLLOW_UP, 4 * opts.debounce_seconds)
-            elif reason == "follow-up":
-                self.follow_up = None
-            else:
-                scan_at = time.monotonic() + opts.scan_seconds
-            if self.eager:  # learn from every event already read before this pass
-                self.executor.submit(self._observe, self.eager)
-                self.eager = []
-            events, self.events = self.events, []
-            if reason == "scan":
-                events.append(FsEvent(FsEventKind.SCAN))
-            await asyncio.get_running_loop().run_in_executor(self.executor, self._pass, events, reason)
-
-    def _pass(self, events: list[FsEvent], reason: str) -> None:
-        fs, agent = self.fs, self.agent
-        self.passes += 1
-        try:
-            if events:
-                self.capture.observe(events)
-            if fs.mode == "fitrim-only":
-                self._fitrim_only(reason)
-                return
-            candidates = agent.pipeline.captured(str(fs.entry.mount), fs.device, self.capture.candidates())
-            if not candidates:
-                return
-            v = verify(fs, candidates, agent.pipeline)
-            self.capture.settle(v.window, v.free)
-            self._report(v.found, reason)
-        except Exception:
-            log.exception("%s: pass (%s) failed", fs.mount, reason)
-
-    def _report(self, found: RangeSet, reason: str) -> None:
-        assert self.fs.diskmap is not None
-        disk_ranges = self.fs.diskmap.to_disk(found)
-        if disk_ranges:
-            self.agent.loop.call_soon_threadsafe(self.agent.emit, self.fs, disk_ranges, reason)
-
-    def _fitrim_only(self, reason: str) -> None:
-        now = time.monotonic()
-        if reason == "scan" or self.trim_unsupported:
-            return
-        if now - self.last_trim < FITRIM_INTERVAL:
-            self.follow_up = self.last_trim + FITRIM_INTERVAL  # trim then, once
-            return
-        self.last_trim = now
-        try:
-            self.fs.commit()  # freed blocks are only trimmable once committed
-            trimmed = linux.fitrim(self.fs.fd, 0, 2**64 - 1, 0)
-        except OSError as exc:
-            if exc.errno == errno.EOPNOTSUPP:
-                log.info("%s: FITRIM not supported (the disk passes no discards)", self.fs.mount)
-                self.trim_unsupported = True
-            else:
-                log.error("%s: FITRIM failed: %s", self.fs.mount, exc.strerror)
-            return
-        log.info("%s: FITRIM after deletions: kernel reports %d bytes", self.fs.mount, trimmed)
-
-    async def stop(self) -> None:
-        self.stopped = True
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
-        if self.source is not None:
-            with contextlib.suppress(ValueError, OSError):
-                asyncio.get_running_loop().remove_reader(self.source.fileno())
-            self.source.close()
-        self.executor.shutdown(wait=False, cancel_futures=True)
-
-
 class Agent:
-    """Everything ``vmreclaim agent`` runs."""
+    """Everything ``vmreclaim agent`` runs.
+
+    A channel :class:`~vmreclaim.agent.session.Session` sees it only as the
+    :class:`~vmreclaim.agent.session.AgentLink` it implements.
+    """
 
     def __init__(
         self, config: AgentConfig, *, pipeline: Pipeline | None = None, logs: HoldingHandler | None = None
@@ -306,10 +83,7 @@ class Agent:
             self.transport = load_driver(
                 "transports", config.transport.driver, Transport, config.transport.options
             )
-            try:
-                self.spool = Spool(Path(config.spool), config.spool_max_bytes)
-            except SpoolError as exc:
-                raise AgentSetupError(str(exc)) from exc
+            self.spool = Spool(Path(config.spool), config.spool_max_bytes)
         except BaseException:
             for fs in self.filesystems:
                 fs.close()
@@ -325,10 +99,7 @@ class Agent:
         seen: dict[int, Path] = {}
         disk_of: dict[str, str] = {}
         for entry in self.config.filesystems:
-            try:
-                fs = WatchedFs(entry)
-            except SetupError as exc:
-                raise AgentSetupError(str(exc)) from exc
+            fs = WatchedFs(entry)
             self.filesystems.append(fs)
             if fs.dev in seen:
                 raise AgentSetupError(f"filesystems {seen[fs.dev]} and {entry.mount} are the same filesystem")
@@ -343,8 +114,41 @@ class Agent:
                     )
             self.disks.setdefault(fs.disk_id, []).append(fs)
 
+    # -- the AgentLink a session sees ------------------------------------------------------
+
     def disk_names(self) -> str:
         return ", ".join(repr(d) for d in sorted(self.disks)) or "none"
+
+    def watches(self, disk: str) -> bool:
+        return bool(self.disks.get(disk))
+
+    def fence_problem(self, disk: str) -> str | None:
+        if not self.can_fence:
+            return "this agent cannot freeze filesystems (it needs CAP_SYS_ADMIN)"
+        if any(fs.mode != "getfsmap" for fs in self.disks[disk]):
+            return f"disk {disk!r} holds a filesystem without GETFSMAP: its ranges cannot be re-verified"
+        return None
+
+    def pending_records(self) -> list[tuple[int, bytes]]:
+        return [(seq, line) for seq, (_disk, line) in self.spool.pending.items()]
+
+    def record_answered(self, seq: int) -> None:
+        if self.spool.remove(seq):
+            self.records_changed.set()
+
+    def release_fence(self, fence_id: int) -> str | None:
+        fence = self.keeper.by_id(fence_id)
+        if fence is not None:
+            self.keeper.finish(fence, "release")
+            log.info("fence %d on %s: released by the host", fence.id, fence.disk)
+            return "release"
+        if fence_id in self.keeper.finished:
+            return "already-released"
+        return None
+
+    def drop_fences(self, owner: object) -> None:
+        for fence in self.keeper.finish_all("error", owner=owner):
+            log.warning("fence %d on %s thawed: the channel closed", fence.id, fence.disk)
 
     # -- messages --------------------------------------------------------------------------
 
@@ -410,20 +214,31 @@ class Agent:
     # -- fences ----------------------------------------------------------------------------
 
     async def fence(
-        self, msg: p.Fence, fss: list[WatchedFs], deadline: float, lease_ms: int, owner: object
-    ) -> tuple[FenceState, p.FenceReady]:
-        fence = self.keeper.begin(msg.fence, msg.disk, fss, deadline, lease_ms, owner)
+        self, msg: p.Fence, received: float, *, owner: object, on_lease_expired: Callable[[int], None]
+    ) -> p.FenceReady:
+        """Freeze every watched filesystem of the disk and re-verify the asked ranges.
+
+        The lease counts from ``received`` (docs/protocol.md) and is capped by
+        ``fence_max_lease_seconds``. The returned answer is announced: from now on the
+        fence's end is reported through ``on_lease_expired`` or the host's ``release``.
+        """
+        fss = self.disks[msg.disk]
+        lease = min(msg.lease_ms / 1000.0, self.config.fence_max_lease_seconds)
+        deadline = received + lease
+        lease_ms = int(lease * 1000)
+        fence = self.keeper.begin(msg.fence, msg.disk, fss, deadline, lease_ms, owner, on_lease_expired)
         try:
             await asyncio.to_thread(self.keeper.freeze, fence)
             if time.monotonic() >= deadline:
-                raise FenceFailed(f"freezing took longer than the lease of {lease_ms} ms")
+                raise FenceError(f"freezing took longer than the lease of {lease_ms} ms")
             ranges = await asyncio.to_thread(self._reverify, fss, p.pairs_to_ranges(msg.ranges))
             if fence.why is not None or time.monotonic() >= deadline:
-                raise FenceFailed(f"the lease of {lease_ms} ms ran out while re-verifying")
+                raise FenceError(f"the lease of {lease_ms} ms ran out while re-verifying")
         except BaseException:
             self.keeper.finish(fence, "error")
             raise
         ready = fence_ready(msg.fence, msg.disk, ranges, fss[0].disk_size, lease_ms)
+        fence.announced = True  # the caller sends `ready` before it next yields to the loop
         log.info(
             "fence %d on %s: %d filesystem(s) frozen, %d of %d bytes still free, lease %d ms",
             msg.fence,
@@ -433,7 +248,7 @@ class Agent:
             sum(n for _, n in msg.ranges),
             lease_ms,
         )
-        return fence, ready
+        return ready
 
     def _reverify(self, fss: list[WatchedFs], ranges: RangeSet) -> RangeSet:
         """Under the freeze: the asked disk ranges that are free in a watched filesystem."""
@@ -453,9 +268,8 @@ class Agent:
     def _expired(self, fence: FenceState) -> None:
         self.keeper.finish(fence, "lease")
         log.warning("fence %d on %s: lease ran out before the host released it; thawed", fence.id, fence.disk)
-        owner = fence.owner
-        if fence.announced and isinstance(owner, Session):
-            owner.lease_ran_out(fence.id)
+        if fence.announced and fence.on_lease_expired is not None:
+            fence.on_lease_expired(fence.id)
 
     def _hold(self) -> None:
         self.spool.hold()
@@ -469,8 +283,12 @@ class Agent:
 
     # -- trims -----------------------------------------------------------------------------
 
-    async def trim(self, fss: list[WatchedFs], ranges: RangeSet) -> tuple[int, str | None]:
-        return await asyncio.to_thread(self._trim, fss, ranges)
+    async def trim(self, disk: str, ranges: RangeSet) -> tuple[int, str | None]:
+        return await asyncio.to_thread(self._trim, self.disks[disk], ranges)
+
+    async def free_space(self, request: p.Reconcile) -> list[p.FreeSpace]:
+        # A worker thread: GETFSMAP of a whole fragmented filesystem takes seconds.
+        return await asyncio.to_thread(reconcile.answer, request, self.disks.get(request.disk), self.pipeline)
 
     def _trim(self, fss: list[WatchedFs], ranges: RangeSet) -> tuple[int, str | None]:
         total = 0
@@ -510,7 +328,13 @@ class Agent:
                 capture = load_driver(
                     "captures", self.config.capture.driver, Capture, self.config.capture.options
                 )
-                watcher = FsWatcher(self, fs, capture)
+                watcher = FsWatcher(
+                    fs,
+                    capture,
+                    self.pipeline,
+                    self.emit,
+                    report_existing=self.config.report_existing_free_space,
+                )
                 watchers.append(watcher)
                 await watcher.start()
             log.info(
@@ -556,3 +380,11 @@ class Agent:
                 log.info("channel %s closed; reconnecting in %.1fs", self.transport.describe(), delay)
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, BACKOFF_MAX)
+
+
+def fence_ready(fence_id: int, disk: str, ranges: RangeSet, disk_size: int, lease_ms: int) -> p.FenceReady:
+    """The answer to a fence: at most the protocol's number of ranges (a subset is safe:
+    the host only punches what is listed)."""
+    ranges = ranges.clip(ByteRange(0, disk_size)) if disk_size else ranges
+    first = next(ranges.chunks(MAX_RANGES_PER_RECORD), RangeSet())
+    return p.FenceReady(fence=fence_id, disk=disk, ranges=p.ranges_to_pairs(first), lease_ms=lease_ms)

@@ -13,17 +13,13 @@ import asyncio
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
-from vmreclaim.agent import reconcile
 from vmreclaim.core import protocol as p
 from vmreclaim.core.errors import ProtocolError
-from vmreclaim.core.model import MAX_RANGES_PER_RECORD
-from vmreclaim.core.ranges import ByteRange, RangeSet
-from vmreclaim.core.transports import MAX_LINE_BYTES
-
-if TYPE_CHECKING:
-    from vmreclaim.agent.runtime import Agent
+from vmreclaim.core.lines import read_line
+from vmreclaim.core.ranges import RangeSet
 
 log = logging.getLogger("vmreclaim.agent")
 
@@ -35,39 +31,79 @@ DRAIN_ABOVE = 1024 * 1024
 WELCOME_TIMEOUT = 30.0
 
 
-class LineTooLong(Exception):
-    def __init__(self, size: int) -> None:
-        super().__init__(f"host line of more than {size} bytes discarded (the limit is {MAX_LINE_BYTES})")
+class AgentLink(Protocol):
+    """Everything a session may ask of the agent (:class:`vmreclaim.agent.runtime.Agent`).
 
-
-async def read_line(reader: asyncio.StreamReader) -> bytes | None:
-    """One line (with its newline), ``None`` at end of stream.
-
-    A line longer than the reader's limit is consumed whole, up to and including its
-    newline, and reported as :class:`LineTooLong`: the next call starts at a real line
-    boundary instead of parsing the rest of the long line as lines of its own.
+    The session asks; it never reads the agent's fields, so the agent's insides (its
+    spool, its fence keeper, its filesystems) can change without the session knowing.
     """
-    dropped = 0
-    while True:
-        try:
-            line = await reader.readuntil(b"\n")
-        except asyncio.IncompleteReadError as exc:
-            if dropped:
-                raise LineTooLong(dropped + len(exc.partial)) from None
-            return exc.partial or None
-        except asyncio.LimitOverrunError as exc:
-            chunk = await reader.readexactly(exc.consumed)
-            dropped += len(chunk)
-            continue
-        if dropped:
-            raise LineTooLong(dropped + len(line))
-        return line
+
+    @property
+    def records_changed(self) -> asyncio.Event:
+        """Set when a record is spooled or answered: the sender looks again."""
+        ...
+
+    def hello(self) -> p.Hello:
+        """The ``hello`` this agent opens every connection with."""
+        ...
+
+    def welcomed(self, welcome: p.Welcome) -> None:
+        """The host answered ``hello``: learn the VM's name, check the disks."""
+        ...
+
+    def pending_records(self) -> list[tuple[int, bytes]]:
+        """Spooled record lines not yet acknowledged, oldest first, with their ``seq``."""
+        ...
+
+    def record_answered(self, seq: int) -> None:
+        """The host acknowledged (or refused for good) record ``seq``: forget it."""
+        ...
+
+    def watches(self, disk: str) -> bool:
+        """Whether ``disk`` holds a filesystem this agent watches."""
+        ...
+
+    def disk_names(self) -> str:
+        """The watched disks, for messages."""
+        ...
+
+    def fence_problem(self, disk: str) -> str | None:
+        """Why a watched ``disk`` cannot be fenced now, or ``None`` if it can."""
+        ...
+
+    async def fence(
+        self, msg: p.Fence, received: float, *, owner: object, on_lease_expired: Callable[[int], None]
+    ) -> p.FenceReady:
+        """Freeze the disk, re-verify its ranges under the freeze, and return the answer.
+
+        ``on_lease_expired(fence_id)`` is called if the lease runs out before the host
+        releases it; the fences of ``owner`` end when :meth:`drop_fences` is called.
+        Raises (with a message to send back) if the fence cannot be raised.
+        """
+        ...
+
+    def release_fence(self, fence_id: int) -> str | None:
+        """End fence ``fence_id`` for the host: ``release`` if this call ended it,
+        ``already-released`` if it had ended, ``None`` if the agent never raised it."""
+        ...
+
+    def drop_fences(self, owner: object) -> None:
+        """The channel of ``owner`` closed: thaw its fences at once."""
+        ...
+
+    async def trim(self, disk: str, ranges: RangeSet) -> tuple[int, str | None]:
+        """FITRIM ``ranges`` (bytes of ``disk``): bytes the kernel reports, and errors."""
+        ...
+
+    async def free_space(self, request: p.Reconcile) -> list[p.FreeSpace]:
+        """The ``free_space`` answer to a ``reconcile`` (never raises: errors are answered)."""
+        ...
 
 
 class Session:
     """The agent's side of one connection."""
 
-    def __init__(self, agent: Agent, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, agent: AgentLink, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.agent = agent
         self.reader = reader
         self.writer = writer
@@ -123,8 +159,7 @@ class Session:
             log.info("channel: %s", exc)
         finally:
             self.closed = True
-            for fence in agent.keeper.finish_all("error", owner=self):
-                log.warning("fence %d on %s thawed: the channel closed", fence.id, fence.disk)
+            agent.drop_fences(self)
             for task in self._tasks:
                 task.cancel()
             self.writer.close()
@@ -134,8 +169,8 @@ class Session:
         Invalid lines are answered with ``error`` here and skipped."""
         while True:
             try:
-                line = await read_line(self.reader)
-            except LineTooLong as exc:
+                line = await read_line(self.reader, sender="host")
+            except ProtocolError as exc:
                 self.refuse(str(exc), None)
                 continue
             received = time.monotonic()
@@ -180,8 +215,7 @@ class Session:
             self.in_flight.discard(msg.seq)
             if isinstance(msg, p.Nack):
                 log.warning("host refused record %d: %s", msg.seq, msg.error)
-            if agent.spool.remove(msg.seq):
-                agent.records_changed.set()
+            agent.record_answered(msg.seq)
         elif isinstance(msg, p.Fence):
             self._spawn(self._fence(msg, received))
         elif isinstance(msg, p.Release):
@@ -211,11 +245,11 @@ class Session:
 
     async def _sender(self) -> None:
         """Send spooled records, oldest first, with at most WINDOW unanswered."""
-        changed = self.agent.records_changed
-        spool = self.agent.spool
+        agent = self.agent
+        changed = agent.records_changed
         while not self.closed:
             changed.clear()
-            for seq, (_disk, line) in list(spool.pending.items()):
+            for seq, line in agent.pending_records():
                 if len(self.in_flight) >= WINDOW:
                     break
                 if seq in self.in_flight:
@@ -229,41 +263,27 @@ class Session:
 
     async def _fence(self, msg: p.Fence, received: float) -> None:
         agent = self.agent
-        fss = agent.disks.get(msg.disk)
-        problem = None
-        if not fss:
+        problem: str | None
+        if not agent.watches(msg.disk):
             problem = f"disk {msg.disk!r} is not watched by this agent (it watches {agent.disk_names()})"
             self.refuse(problem, f"fence:{msg.fence}")
-        elif not agent.can_fence:
-            problem = "this agent cannot freeze filesystems (it needs CAP_SYS_ADMIN)"
-        elif any(fs.mode != "getfsmap" for fs in fss):
-            problem = (
-                f"disk {msg.disk!r} holds a filesystem without GETFSMAP: its ranges cannot be re-verified"
-            )
+        else:
+            problem = agent.fence_problem(msg.disk)
         if problem is not None:
             self.send(p.FenceRefused(fence=msg.fence, error=problem))
             return
-        assert fss is not None
-        lease = min(msg.lease_ms / 1000.0, agent.config.fence_max_lease_seconds)
-        deadline = received + lease
         try:
-            fence, ready = await agent.fence(msg, fss, deadline, int(lease * 1000), owner=self)
+            ready = await agent.fence(msg, received, owner=self, on_lease_expired=self.lease_ran_out)
         except Exception as exc:
             log.warning("fence %d on %s refused: %s", msg.fence, msg.disk, exc)
             self.send(p.FenceRefused(fence=msg.fence, error=str(exc)[:1024]))
             return
-        fence.announced = True  # from now on its end is reported with 'released'
         self.send(ready)
 
     def _release(self, msg: p.Release) -> None:
-        keeper = self.agent.keeper
-        fence = keeper.by_id(msg.fence)
-        if fence is not None:
-            keeper.finish(fence, "release")
-            log.info("fence %d on %s: released by the host", fence.id, fence.disk)
-            self.send(p.Released(fence=msg.fence, why="release"))
-        elif msg.fence in keeper.finished:
-            self.send(p.Released(fence=msg.fence, why="already-released"))
+        why = self.agent.release_fence(msg.fence)
+        if why is not None:
+            self.send(p.Released(fence=msg.fence, why=why))
         else:
             self.refuse(
                 f"release of fence {msg.fence}, which this agent never raised", f"release:{msg.fence}"
@@ -274,30 +294,18 @@ class Session:
 
     async def _trim(self, msg: p.Trim) -> None:
         agent = self.agent
-        fss = agent.disks.get(msg.disk)
-        if not fss:
+        if not agent.watches(msg.disk):
             error = f"disk {msg.disk!r} is not watched by this agent (it watches {agent.disk_names()})"
             self.refuse(error, f"trim:{msg.fence}")
             self.send(p.TrimDone(fence=msg.fence, trimmed_bytes=0, error=error))
             return
-        trimmed, failed = await agent.trim(fss, p.pairs_to_ranges(msg.ranges))
+        trimmed, failed = await agent.trim(msg.disk, p.pairs_to_ranges(msg.ranges))
         self.send(p.TrimDone(fence=msg.fence, trimmed_bytes=trimmed, error=failed))
 
     async def _reconcile(self, msg: p.Reconcile) -> None:
-        # A worker thread: GETFSMAP of a whole fragmented filesystem takes seconds.
-        agent = self.agent
-        answer = await asyncio.to_thread(reconcile.answer, msg, agent.disks.get(msg.disk), agent.pipeline)
-        for message in answer:
+        for message in await self.agent.free_space(msg):
             self.send(message)
             await self.writer.drain()
-
-
-def fence_ready(fence_id: int, disk: str, ranges: RangeSet, disk_size: int, lease_ms: int) -> p.FenceReady:
-    """The answer to a fence: at most the protocol's number of ranges (a subset is safe:
-    the host only punches what is listed)."""
-    ranges = ranges.clip(ByteRange(0, disk_size)) if disk_size else ranges
-    first = next(ranges.chunks(MAX_RANGES_PER_RECORD), RangeSet())
-    return p.FenceReady(fence=fence_id, disk=disk, ranges=p.ranges_to_pairs(first), lease_ms=lease_ms)
 
 
 def _ref(msg: Any) -> str:

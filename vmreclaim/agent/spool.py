@@ -27,16 +27,14 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+from vmreclaim.core.errors import AgentSetupError
+
 log = logging.getLogger("vmreclaim.agent")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (seq INTEGER PRIMARY KEY, disk TEXT NOT NULL, line BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
-
-
-class SpoolError(Exception):
-    """The spool cannot be opened or written (the message names the file)."""
 
 
 class Spool:
@@ -72,7 +70,7 @@ class Spool:
             rows = self.db.execute("SELECT seq, disk, line FROM records ORDER BY seq").fetchall()
             row = self.db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
         except (OSError, sqlite3.Error) as exc:
-            raise SpoolError(f"spool {self.path}: {exc}") from exc
+            raise AgentSetupError(f"spool {self.path}: {exc}") from exc
         for seq, disk, line in rows:
             self.pending[int(seq)] = (str(disk), bytes(line))
             self.bytes += len(line)

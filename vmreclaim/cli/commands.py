@@ -55,7 +55,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 def cmd_image_info(args: argparse.Namespace) -> int:
     from vmreclaim.core.image import open_image
 
-    with open_image(args.image, args.format) as image:
+    with open_image(args.image, args.format, writing=False) as image:
         info = image.info()
     if args.json:
         output.emit_json(info)
@@ -70,7 +70,7 @@ def cmd_image_map(args: argparse.Namespace) -> int:
     from vmreclaim.core.image import open_image
     from vmreclaim.core.ranges import ByteRange
 
-    with open_image(args.image, args.format) as image:
+    with open_image(args.image, args.format, writing=False) as image:
         size = image.virtual_size
         start = args.start
         length = size - start if args.length is None else args.length

@@ -9,7 +9,9 @@ kernel (``OSError``, libvirt, XenAPI, QMP) are mapped at the driver boundary wit
     ├── UsageError                      exit 2  bad command-line input
     │   ├── RangeError                          a guest range that is empty, negative,
     │   │                                       overflowing or outside the disk
-    │   └── ConfigError                         a configuration file that does not validate
+    │   ├── ConfigError                         a configuration file that does not validate
+    │   └── AgentSetupError                     the agent cannot start: a watched filesystem,
+    │                                           its spool or its channel is unusable
     ├── DriverError                     exit 2  a plugin driver cannot be used
     │   ├── DriverNotFoundError                 no driver of that name is installed
     │   └── DriverLoadError                     the driver is installed but fails to import
@@ -55,6 +57,11 @@ class ConfigError(UsageError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("\n".join(problems))
+
+
+class AgentSetupError(UsageError):
+    """The agent cannot start: a configured filesystem, the spool or the channel is
+    unusable (the message names which and why); nothing is watched."""
 
 
 class DriverError(VMReclaimError):

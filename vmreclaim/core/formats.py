@@ -26,10 +26,9 @@ import os
 import stat
 import struct
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -37,6 +36,7 @@ import numpy.typing as npt
 from vmreclaim.core.driver import Driver
 from vmreclaim.core.errors import CorruptImageError, ImageError, UnsupportedImageError, UsageError
 from vmreclaim.core.extents import ExtentKind, ExtentMap
+from vmreclaim.core.punch import allocated_bytes
 from vmreclaim.core.ranges import ByteRange, RangeSet
 
 _BLKGETSIZE64 = 0x80081272
@@ -170,7 +170,7 @@ class ImageFile:
         """Bytes the host filesystem has allocated for the file (``st_blocks``)."""
         if self.is_block_device:
             return self.size
-        return os.fstat(self.fd).st_blocks * 512
+        return allocated_bytes(self.fd)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -204,9 +204,22 @@ def first_overlap(starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64])
     return int(order[holder]), int(order[k])
 
 
-#: How a format driver asks the core to open another image (a backing file) with
-#: format detection and the same safety rules; drivers never load drivers themselves.
-ImageOpener = Callable[[Path, str], "Image"]
+class ImageOpener(Protocol):
+    """How a format driver reaches the other files its image names, through the core.
+
+    Drivers never open a backing image or an external data file themselves: the core
+    decides whether a name read from the image may be followed at all. It may not when
+    the image's format was *probed* for a writing command — then the header is bytes a
+    guest could have written (a qcow2 header planted in a raw disk naming a neighbour's
+    image, DESIGN.md section 4 rule 6), and both calls raise
+    :class:`~vmreclaim.core.errors.UnsupportedImageError`.
+    """
+
+    def __call__(self, path: Path, format: str) -> Image:
+        """Open the backing image ``path`` read-only as ``format`` ("": probe it)."""
+
+    def data_file(self, path: Path) -> ImageFile:
+        """Open the external data file ``path`` (read-only here; the core punches it)."""
 
 
 @dataclass(frozen=True)
@@ -380,7 +393,8 @@ class ImageFormat(Driver):
     def open(self, file: ImageFile, opener: ImageOpener) -> Image:
         """Parse ``file`` into an :class:`Image`, validating every structure it reads.
 
-        ``opener(path, format)`` opens a backing image through the core. Raise
+        ``opener(path, format)`` opens a backing image and ``opener.data_file(path)``
+        an external data file, through the core (which may refuse to follow them). Raise
         :class:`CorruptImageError` or :class:`UnsupportedImageError` with a message that
         names the structure and offset when the file cannot be handled.
         """

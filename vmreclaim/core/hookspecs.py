@@ -9,7 +9,7 @@ in ``docs/architecture.md``)::
     2 verify    vmreclaim_verify_filter             vmreclaim_record_rejected   (observe)
         │                                           3 decide    vmreclaim_decide_veto
         └──── record over the VM's channel ───►     4 translate vmreclaim_translate_filter
-                                                    5 reclaim   vmreclaim_reclaim_punch
+                                                    5 reclaim   (the core punches; no hook)
                                                                 vmreclaim_reclaim_done (observe)
 
 Outside the pipeline, ``vmreclaim_cli_add_commands`` lets a plugin (a driver's companion
@@ -23,7 +23,11 @@ Rules every hook follows:
 * A *filter* hook (``*_filter``) may only narrow: the pipeline intersects every
   non-``None`` answer with its input, so no plugin can widen what is punched.
 * Choosing a driver (format, hypervisor, policy, transport) is never a hook: drivers
-  are loaded by name (:mod:`vmreclaim.core.loader`).
+  are loaded by name (:mod:`vmreclaim.core.loader`). The punch itself is the core's
+  (``fallocate``); a storage-side unmap (an array's own call) would be a driver kind,
+  not a hook — there is none yet.
+* Every pipeline hook is called by :class:`vmreclaim.core.pipeline.Pipeline`, nowhere
+  else (the CLI's ``vmreclaim_cli_add_commands`` is no pipeline event: the CLI calls it).
 
 A plugin writes ``from vmreclaim import hookimpl`` and registers its module in the
 entry-point group ``vmreclaim.hooks``.
@@ -39,9 +43,9 @@ if TYPE_CHECKING:
     import argparse
 
     from vmreclaim.core.formats import Image
+    from vmreclaim.core.lease import Lease
     from vmreclaim.core.model import DeletionRecord, Disk, VMIdentity
     from vmreclaim.core.policies import Decision
-    from vmreclaim.core.punch import PunchResult
     from vmreclaim.core.ranges import RangeSet
     from vmreclaim.core.reclaim import ReclaimPlan, ReclaimReport
 
@@ -158,7 +162,9 @@ def vmreclaim_decide_veto(disk: Disk, pending_bytes: int, decision: Decision) ->
 
 
 @hookspec
-def vmreclaim_translate_filter(disk: Disk, image: Image, plan: ReclaimPlan) -> RangeSet | None:
+def vmreclaim_translate_filter(
+    disk: Disk, image: Image, plan: ReclaimPlan, lease: Lease | None
+) -> RangeSet | None:
     """Narrow the host ranges a reclaim is about to punch.
 
     Called after the format driver and the core have translated guest ranges into
@@ -170,9 +176,15 @@ def vmreclaim_translate_filter(disk: Disk, image: Image, plan: ReclaimPlan) -> R
     :param image: The opened image.
     :param plan: The plan: ``plan.punch`` are the host ranges, ``plan.requested`` the
         guest ranges asked for.
+    :param lease: Inside a fence (the host daemon's live punch), the time limit of the
+        guest's freeze: ``lease.remaining()`` is what is left, and nothing is punched
+        once it is over, so a filter should not take long. ``None`` when no guest is
+        frozen (offline commands, offline mode).
     :returns: The host ranges to keep, or ``None`` to keep all. Every implementation
         is called; the pipeline keeps the intersection and reports what was dropped as
         skipped.
+
+    Wrappers are not expected.
 
     .. versionadded:: 0.1
     """
@@ -181,34 +193,13 @@ def vmreclaim_translate_filter(disk: Disk, image: Image, plan: ReclaimPlan) -> R
 # -- 5. reclaim (host and offline commands) ----------------------------------------------
 
 
-@hookspec(firstresult=True)
-def vmreclaim_reclaim_punch(
-    disk: Disk, image: Image, fd: int, plan: ReclaimPlan
-) -> PunchResult | None:
-    """Punch the plan's host ranges into the data file open as ``fd``.
-
-    The core implements it (``fallocate(PUNCH_HOLE|KEEP_SIZE)``) and is called last.
-    Plugins wrap it with ``@hookimpl(wrapper=True)`` to time it, log it, or raise to
-    cancel it; an implementation that returns a result first replaces the core's punch
-    (a storage array's own unmap call, say) and must then measure freed bytes itself.
-
-    :param disk: The disk being reclaimed.
-    :param image: The opened image.
-    :param fd: A descriptor of ``image.data_file`` open for writing, locked against
-        other QEMU writers.
-    :param plan: What to punch (``plan.punch``, host bytes, block-aligned).
-    :returns: A :class:`~vmreclaim.core.punch.PunchResult`, or ``None`` to leave the
-        punch to the next implementation; the first result wins.
-
-    .. versionadded:: 0.1
-    """
-
-
 @hookspec
 def vmreclaim_reclaim_done(disk: Disk, report: ReclaimReport) -> None:
     """Observe a finished reclaim (also a dry run: ``report.dry_run``).
 
-    Called after punching, with requested, punched and measured freed bytes.
+    Called after the core has punched (or, in the host's guest-trim mode, after the
+    guest has trimmed: ``report.mode == "trim"``), with requested, punched and measured
+    freed bytes.
 
     :param disk: The disk that was reclaimed.
     :param report: The outcome.

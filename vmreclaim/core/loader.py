@@ -137,14 +137,16 @@ def load_driver(kind: str, name: str, base: type[D], options: DriverOptions | No
 
 
 def load_all(kind: str, base: type[D]) -> dict[str, D]:
-    """One default-configured instance of every driver of ``kind`` (format probing)."""
-    found = {}
-    for name in names(kind):
-        try:
-            found[name] = load_driver(kind, name, base)
-        except DriverLoadError:
-            continue  # `vmreclaim plugins` shows why; probing goes on with the others
-    return found
+    """One default-configured instance of every driver of ``kind`` (format probing,
+    filesystem detection).
+
+    Every installed driver must load. Skipping one that fails to import would change
+    decisions silently: without the qcow2 driver the catch-all raw driver claims a
+    qcow2 file and its header is punched as data; without the ext reader a volume's
+    free space is judged by whatever else answers. So the first failure is raised as
+    :class:`DriverLoadError` (exit 2), naming the driver, its package and the error.
+    """
+    return {name: load_driver(kind, name, base) for name in names(kind)}
 
 
 @functools.cache

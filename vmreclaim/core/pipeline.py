@@ -1,10 +1,12 @@
 """The pipeline: runs each stage's own work and the hooks around it.
 
 The stages and their order are documented once, in :mod:`vmreclaim.core.hookspecs`.
-This object is what the agent, the host daemon and the offline commands call; it
-applies the safety rules of DESIGN.md section 4 that are the same for every driver:
-filters only narrow, a format's state is checked before translating, and an offline
-punch holds QEMU's write locks so a busy image is refused (exit 3) before any write.
+This object is what the agent, the host daemon and the offline commands call, and the
+only caller of the hooks (:class:`~vmreclaim.core.plugins.Plugins`); it applies the
+safety rules of DESIGN.md section 4 that are the same for every driver: filters only
+narrow, a format's state is checked before translating, the punch is the core's own
+``fallocate`` (checked against the fence lease before each call), and an offline punch
+holds QEMU's write locks so a busy image is refused (exit 3) before any write.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from vmreclaim.core.errors import UnsupportedImageError
 from vmreclaim.core.formats import Image
 from vmreclaim.core.lease import Lease
 from vmreclaim.core.locks import hold_for_writing
-from vmreclaim.core.model import Disk
+from vmreclaim.core.model import DeletionRecord, Disk, VMIdentity
 from vmreclaim.core.plugins import Plugins
 from vmreclaim.core.policies import Decision, DiskState, Policy, StorageState
-from vmreclaim.core.punch import host_block_size
+from vmreclaim.core.punch import host_block_size, punch_holes
 from vmreclaim.core.ranges import RangeSet
 from vmreclaim.core.reclaim import ReclaimPlan, ReclaimReport, plan_reclaim
 
@@ -42,6 +44,14 @@ class Pipeline:
 
     # -- host side -------------------------------------------------------------------------
 
+    def record_received(self, vm: VMIdentity, record: DeletionRecord) -> None:
+        """A record from ``vm`` is validated and durable: tell the observers."""
+        self.plugins.record_received(vm=vm, record=record)
+
+    def record_rejected(self, vm: VMIdentity, reason: str) -> None:
+        """A message from ``vm``'s channel was refused: tell the observers."""
+        self.plugins.record_rejected(vm=vm, reason=reason)
+
     def decide(
         self, disk: Disk, policy: Policy, state: DiskState, storage: StorageState, now: float
     ) -> Decision:
@@ -56,12 +66,26 @@ class Pipeline:
                 return Decision(False, f"postponed by a plugin: {veto}")
         return decision
 
-    def translate(self, disk: Disk, image: Image, ranges: RangeSet, fd: int | None = None) -> ReclaimPlan:
-        """Stage 4: guest ranges → safe, block-aligned host ranges of the data file."""
+    def translate(
+        self,
+        disk: Disk,
+        image: Image,
+        ranges: RangeSet,
+        fd: int | None = None,
+        lease: Lease | None = None,
+    ) -> ReclaimPlan:
+        """Stage 4: guest ranges → safe, block-aligned host ranges of the data file,
+        narrowed by every ``vmreclaim_translate_filter`` hook.
+
+        The one source of what a reclaim may touch: every mode acts on this plan and
+        never on the caller's ranges — the punch on ``plan.punch``, the deep discard,
+        a guest trim and an offline reclaim on ``plan.guest_ranges`` — so a plugin's
+        veto holds whichever way the bytes are freed.
+        """
         image.check_punchable()
         block = host_block_size(fd if fd is not None else image.data_file.fd)
         plan = plan_reclaim(image, ranges, block)
-        return self.plugins.translate_filter(disk=disk, image=image, plan=plan)
+        return self.plugins.translate_filter(disk=disk, image=image, plan=plan, lease=lease)
 
     def reclaim(
         self,
@@ -91,21 +115,21 @@ class Pipeline:
             nullcontext(fd) if fd is not None else hold_for_writing(image.data_file.path)
         )
         with holder as write_fd:
-            plan = self.translate(disk, image, ranges, write_fd)
-            plan.lease = lease
+            plan = self.translate(disk, image, ranges, write_fd, lease)
             if dry_run:
                 punched, freed = plan.punch_bytes, 0
             else:
                 if lease is not None:
                     lease.check()  # translating may have used up the lease
-                result = self.plugins.reclaim_punch(disk=disk, image=image, fd=write_fd, plan=plan)
+                result = punch_holes(write_fd, plan.punch, path=str(image.data_file.path), lease=lease)
                 os.fsync(write_fd)
                 punched, freed = result.punched_bytes, result.freed_bytes
-        if deep and not dry_run:
+        if deep and not dry_run and plan.guest_ranges:
             # After our locks are gone: the driver goes through QEMU's own tools, which
-            # take QEMU's locks themselves and refuse if a VM started meanwhile.
+            # take QEMU's locks themselves and refuse if a VM started meanwhile. Only
+            # the filtered plan's guest ranges: a range a hook vetoed is never discarded.
             before = image.allocated_bytes()
-            image.deep_discard(ranges)
+            image.deep_discard(plan.guest_ranges)
             freed += before - image.allocated_bytes()
         report = ReclaimReport(
             requested_bytes=plan.requested_bytes,
@@ -117,3 +141,7 @@ class Pipeline:
         )
         self.plugins.reclaim_done(disk=disk, report=report)
         return report
+
+    def trimmed(self, disk: Disk, report: ReclaimReport) -> None:
+        """Stage 5 done by the guest (the host's guest-trim mode): tell the observers."""
+        self.plugins.reclaim_done(disk=disk, report=report)

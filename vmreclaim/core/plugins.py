@@ -1,8 +1,11 @@
 """The plugin manager: one typed method per hook, so callers never spell hook names.
 
+Only :class:`vmreclaim.core.pipeline.Pipeline` calls these methods: the rest of the code
+goes through the pipeline's stages.
+
 ``Plugins`` wraps a pluggy ``PluginManager`` (the model is tox 4's ``manager.py``):
-it loads the hook specs, the core's own implementations and every plugin registered in
-the entry-point group ``vmreclaim.hooks``, then runs ``check_pending()`` so a misspelt
+it loads the hook specs and every plugin registered in the entry-point group
+``vmreclaim.hooks``, then runs ``check_pending()`` so a misspelt
 hook implementation fails at start, not silently.
 """
 
@@ -16,20 +19,12 @@ import pluggy
 
 from vmreclaim.core import hookspecs
 from vmreclaim.core.formats import Image
-from vmreclaim.core.hookspecs import HOOKS_GROUP, PROJECT, hookimpl
+from vmreclaim.core.hookspecs import HOOKS_GROUP, PROJECT
+from vmreclaim.core.lease import Lease
 from vmreclaim.core.model import DeletionRecord, Disk, VMIdentity
 from vmreclaim.core.policies import Decision
-from vmreclaim.core.punch import PunchResult, punch_holes
 from vmreclaim.core.ranges import RangeSet
 from vmreclaim.core.reclaim import ReclaimPlan, ReclaimReport
-
-
-class _CorePunch:
-    """The core's implementation of the punch hook; plugins wrap or replace it."""
-
-    @hookimpl(trylast=True)
-    def vmreclaim_reclaim_punch(self, image: Image, fd: int, plan: ReclaimPlan) -> PunchResult:
-        return punch_holes(fd, plan.punch, path=str(image.data_file.path), lease=plan.lease)
 
 
 class Plugins:
@@ -38,7 +33,6 @@ class Plugins:
     def __init__(self, plugins: Iterable[object] = (), *, load_entry_points: bool = True) -> None:
         self.manager = pluggy.PluginManager(PROJECT)
         self.manager.add_hookspecs(hookspecs)
-        self.manager.register(_CorePunch(), name="vmreclaim.core.punch")
         if load_entry_points:
             self.manager.load_setuptools_entrypoints(HOOKS_GROUP)
         for plugin in plugins:
@@ -75,14 +69,12 @@ class Plugins:
         )
         return veto
 
-    def translate_filter(self, *, disk: Disk, image: Image, plan: ReclaimPlan) -> ReclaimPlan:
-        answers = self._hook.vmreclaim_translate_filter(disk=disk, image=image, plan=plan)
+    def translate_filter(
+        self, *, disk: Disk, image: Image, plan: ReclaimPlan, lease: Lease | None
+    ) -> ReclaimPlan:
+        answers = self._hook.vmreclaim_translate_filter(disk=disk, image=image, plan=plan, lease=lease)
         keep = _narrow(plan.punch, answers)
         return plan if keep == plan.punch else plan.narrowed(keep, "vetoed by a plugin")
-
-    def reclaim_punch(self, *, disk: Disk, image: Image, fd: int, plan: ReclaimPlan) -> PunchResult:
-        result: PunchResult = self._hook.vmreclaim_reclaim_punch(disk=disk, image=image, fd=fd, plan=plan)
-        return result
 
     def reclaim_done(self, *, disk: Disk, report: ReclaimReport) -> None:
         self._hook.vmreclaim_reclaim_done(disk=disk, report=report)

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from vmreclaim.core.errors import ProtocolError
 from vmreclaim.core.freespace import FreeSpace as FreeSpace
 from vmreclaim.core.freespace import Reconcile as Reconcile
-from vmreclaim.core.model import MAX_RANGES_PER_RECORD
+from vmreclaim.core.model import MAX_RANGES_PER_RECORD, RECORD_VERSION
 from vmreclaim.core.ranges import MAX_OFFSET, RangeSet
 from vmreclaim.core.transports import MAX_LINE_BYTES
 
@@ -30,6 +30,13 @@ PROTOCOL_VERSION = 2
 MIN_PROTOCOL_VERSION = 1
 #: The first version with ``reconcile`` and ``free_space``.
 RECONCILE_VERSION = 2
+
+#: Every integer on the wire fits a signed 64-bit SQLite INTEGER (and numpy ``int64``):
+#: a number the database cannot take is refused here, never at commit time, where it
+#: would fail the other VMs' records of the same group commit (issue 11 item 3).
+MAX_WIRE_INT = 2**63 - 1
+#: A non-negative wire integer.
+WireInt = Annotated[int, Field(ge=0, le=MAX_WIRE_INT)]
 
 RangePairs = list[tuple[int, int]]
 
@@ -73,7 +80,7 @@ class HelloDisk(_Message):
     discard: bool = False
     #: The disk's size in bytes as the guest sees it (0: unknown). A host refuses records
     #: for a disk whose size is not its image's virtual size: the names do not match.
-    size: int = Field(default=0, ge=0)
+    size: WireInt = 0
     #: ``"getfsmap"``: records are verified with GETFSMAP; ``"fitrim-only"``: no
     #: GETFSMAP on this filesystem, so no records, only FITRIM after deletions.
     verify: Literal["getfsmap", "fitrim-only"] = "getfsmap"
@@ -83,7 +90,7 @@ class Hello(_Message):
     """First line from the agent after connecting."""
 
     type: Literal["hello"] = "hello"
-    v: int
+    v: WireInt
     agent: str = Field(max_length=128)
     #: What this agent can do: ``"fence"`` (FIFREEZE + re-verify), ``"trim"`` (FITRIM).
     capabilities: list[str] = Field(default_factory=list, max_length=32)
@@ -103,11 +110,11 @@ class FenceReady(_Message):
     """The filesystems on the disk are frozen; ``ranges`` are still free under the freeze."""
 
     type: Literal["fence_ready"] = "fence_ready"
-    fence: int = Field(ge=0)
+    fence: WireInt
     disk: str
     ranges: RangePairs
     #: How long the agent keeps the freeze, counted from when it received ``fence``.
-    lease_ms: int = Field(ge=0)
+    lease_ms: WireInt
 
     _v = field_validator("ranges")(_check_pairs)
 
@@ -116,7 +123,7 @@ class FenceRefused(_Message):
     """The agent could not (or would not) fence; nothing is frozen."""
 
     type: Literal["fence_refused"] = "fence_refused"
-    fence: int = Field(ge=0)
+    fence: WireInt
     error: str = Field(max_length=1024)
 
 
@@ -124,7 +131,7 @@ class Released(_Message):
     """The fence is over: filesystems thawed (also sent when the lease ran out)."""
 
     type: Literal["released"] = "released"
-    fence: int = Field(ge=0)
+    fence: WireInt
     #: ``"release"`` (the host asked), ``"lease"`` (the lease ran out), ``"error"``.
     why: str = Field(default="release", max_length=64)
 
@@ -133,8 +140,8 @@ class TrimDone(_Message):
     """Guest-trim mode: the agent ran FITRIM on the asked ranges."""
 
     type: Literal["trim_done"] = "trim_done"
-    fence: int = Field(ge=0)
-    trimmed_bytes: int = Field(ge=0)
+    fence: WireInt
+    trimmed_bytes: WireInt
     #: Set when some FITRIM failed (``EOPNOTSUPP``: the disk passes no discards; an
     #: unknown disk); ``trimmed_bytes`` counts what succeeded.
     error: str | None = Field(default=None, max_length=1024)
@@ -142,7 +149,7 @@ class TrimDone(_Message):
 
 class Pong(_Message):
     type: Literal["pong"] = "pong"
-    nonce: int = 0
+    nonce: WireInt = 0
 
 
 # -- host → agent ---------------------------------------------------------------------------
@@ -150,7 +157,7 @@ class Pong(_Message):
 
 class WelcomeDisk(_Message):
     id: str
-    size: int = Field(ge=0)
+    size: WireInt
     #: ``"fence"``: the host punches inside a fence; ``"trim"``: the agent runs FITRIM.
     mode: Literal["fence", "trim"] = "fence"
 
@@ -159,7 +166,7 @@ class Welcome(_Message):
     """The host's answer to ``hello``: which VM it takes the agent for, and its disks."""
 
     type: Literal["welcome"] = "welcome"
-    v: int
+    v: WireInt
     vm: str
     disks: list[WelcomeDisk] = Field(default_factory=list)
 
@@ -168,14 +175,14 @@ class Ack(_Message):
     """The record with this ``seq`` is durable in the deletion database."""
 
     type: Literal["ack"] = "ack"
-    seq: int = Field(ge=0)
+    seq: WireInt
 
 
 class Nack(_Message):
     """The record with this ``seq`` was refused; the agent drops it (it would never pass)."""
 
     type: Literal["nack"] = "nack"
-    seq: int = Field(ge=0)
+    seq: WireInt
     error: str = Field(max_length=1024)
 
 
@@ -184,7 +191,7 @@ class Fence(_Message):
     ``fence_ready`` with the subset still free, and thaw on ``release`` or after the lease."""
 
     type: Literal["fence"] = "fence"
-    fence: int = Field(ge=0)
+    fence: WireInt
     disk: str
     ranges: RangePairs
     lease_ms: int = Field(ge=1, le=60_000)
@@ -194,14 +201,14 @@ class Fence(_Message):
 
 class Release(_Message):
     type: Literal["release"] = "release"
-    fence: int = Field(ge=0)
+    fence: WireInt
 
 
 class Trim(_Message):
     """Guest-trim mode: run FITRIM on exactly ``ranges`` (virtual-disk bytes) of ``disk``."""
 
     type: Literal["trim"] = "trim"
-    fence: int = Field(ge=0)
+    fence: WireInt
     disk: str
     ranges: RangePairs
 
@@ -210,7 +217,7 @@ class Trim(_Message):
 
 class Ping(_Message):
     type: Literal["ping"] = "ping"
-    nonce: int = 0
+    nonce: WireInt = 0
 
 
 # -- both directions ------------------------------------------------------------------------
@@ -241,13 +248,28 @@ def encode(message: BaseModel) -> bytes:
     return message.model_dump_json().encode() + b"\n"
 
 
+def _no_constant(name: str) -> Any:
+    # Python's json takes NaN and Infinity; JSON (RFC 8259) has no such numbers.
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _parse(line: bytes, sender: str) -> Any:
+    """``json.loads`` with every way it can fail on hostile bytes turned into a
+    :class:`ProtocolError`: invalid UTF-8, NaN/Infinity, an integer of more than 4,300
+    digits (``ValueError``), nesting deeper than the interpreter's recursion limit
+    (``RecursionError``)."""
+    try:
+        return json.loads(line, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise ProtocolError(f"{sender} line is not JSON: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise ProtocolError(f"{sender} line is nested too deeply to be a protocol message") from None
+
+
 def _decode(line: bytes, adapter: TypeAdapter[Any], sender: str) -> Any:
     if len(line) > MAX_LINE_BYTES:
         raise ProtocolError(f"{sender} line of {len(line)} bytes exceeds {MAX_LINE_BYTES}")
-    try:
-        doc = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"{sender} line is not JSON: {exc}") from None
+    doc = _parse(line, sender)
     if not isinstance(doc, dict) or not isinstance(doc.get("type"), str):
         raise ProtocolError(f"{sender} line is not a JSON object with a 'type'")
     try:
@@ -258,12 +280,52 @@ def _decode(line: bytes, adapter: TypeAdapter[Any], sender: str) -> Any:
         if first["type"] == "union_tag_invalid":
             expected = first.get("ctx", {}).get("expected_tags", "")
             raise ProtocolError(
-                f"{sender} message type {doc['type']!r} is unknown (expected {expected})"
+                f"{sender} message type {str(doc['type'])[:64]!r} is unknown (expected {expected})"
             ) from None
         where = ".".join(str(p) for p in first["loc"][1:])  # loc[0] is the tag itself
         raise ProtocolError(
-            f"{sender} {doc['type']!r} message: {where or '(message)'}: {first['msg']}"
+            f"{sender} {str(doc['type'])[:64]!r} message: {where[:200] or '(message)'}: {first['msg']}"
         ) from None
+
+
+# -- the record document ----------------------------------------------------------------------
+
+#: The keys of a record document (DESIGN.md section 5); any other key is refused.
+RECORD_KEYS = frozenset({"v", "vm", "disk", "ranges", "bytes", "fs", "seq"})
+_RECORD_INTS = ("v", "bytes", "seq")
+_RECORD_STRS = {"vm": 256, "disk": 256, "fs": 64}
+
+
+def record_seq(doc: dict[str, Any]) -> int | None:
+    """The record's ``seq`` if it can be echoed in a ``nack`` (a wire integer), else None."""
+    seq = doc.get("seq", 0)
+    return seq if type(seq) is int and 0 <= seq <= MAX_WIRE_INT else None
+
+
+def check_record_document(doc: dict[str, Any]) -> None:
+    """Refuse a record document that is not strictly what docs/protocol.md describes.
+
+    The record travels as a free-form object inside ``record`` (so that the host can
+    answer ``nack`` with its ``seq`` rather than a bare ``error``); this applies the same
+    strictness as the typed messages: no unknown key, integers that are JSON integers
+    (``true`` and ``1.0`` are not ``1``) within a signed 64-bit range, bounded strings.
+    The ranges themselves are checked by ``DeletionRecord.from_json``.
+    """
+    unknown = sorted(set(doc) - RECORD_KEYS)
+    if unknown:
+        raise ProtocolError(f"record has unknown key(s) {', '.join(repr(k[:64]) for k in unknown[:8])}")
+    for key in _RECORD_INTS:
+        if key in doc and not (key == "bytes" and doc[key] is None):  # null: not claimed
+            value = doc[key]
+            if type(value) is not int:
+                raise ProtocolError(f"record {key!r} must be an integer, not {type(value).__name__}")
+            if not 0 <= value <= MAX_WIRE_INT:
+                raise ProtocolError(f"record {key!r} is outside [0, 2**63 - 1]")
+    if doc.get("v", RECORD_VERSION) != RECORD_VERSION:
+        raise ProtocolError(f"record version {doc['v']} is not {RECORD_VERSION}")
+    for key, limit in _RECORD_STRS.items():
+        if key in doc and (not isinstance(doc[key], str) or len(doc[key]) > limit):
+            raise ProtocolError(f"record {key!r} must be a string of at most {limit} characters")
 
 
 def decode_from_agent(line: bytes) -> Any:

@@ -33,9 +33,12 @@ def host_block_size(fd: int) -> int:
     return os.fstatvfs(fd).f_bsize
 
 
-def allocated_bytes(fd: int) -> int:
-    """Bytes the host filesystem has allocated for the open file."""
-    return os.fstat(fd).st_blocks * 512
+def allocated_bytes(file: int | str | os.PathLike[str]) -> int:
+    """Bytes the host filesystem has allocated for a file (open as ``file``, or at that path).
+
+    ``st_blocks`` counts 512-byte units whatever the filesystem's block size (stat(2)).
+    """
+    return os.stat(file).st_blocks * 512
 
 
 def allocated_ranges(fd: int, window: ByteRange | None = None) -> RangeSet:

@@ -22,7 +22,6 @@ import numpy as np
 from vmreclaim.core.errors import CorruptImageError, RangeError
 from vmreclaim.core.extents import ExtentKind, ExtentMap
 from vmreclaim.core.formats import Image
-from vmreclaim.core.lease import Lease
 from vmreclaim.core.ranges import RangeSet, overlapping_pairs
 
 #: Reason given for data bytes that share a host block with bytes we may not punch.
@@ -51,9 +50,6 @@ class ReclaimPlan:
     punch: RangeSet
     skipped: list[Skip] = field(default_factory=list)
     block_size: int = 4096
-    #: A live punch's time limit (the fence lease); every punch implementation checks
-    #: it before each write. ``None`` for offline punches.
-    lease: Lease | None = None
 
     @property
     def requested_bytes(self) -> int:
@@ -63,6 +59,12 @@ class ReclaimPlan:
     def punch_bytes(self) -> int:
         return self.punch.total
 
+    @property
+    def guest_ranges(self) -> RangeSet:
+        """The guest ranges whose host bytes this plan punches: what every other
+        reclaim mode (deep discard, a guest trim) may act on, and nothing more."""
+        return _guest_pieces(self.data, self.punch)
+
     def narrowed(self, keep: RangeSet, reason: str) -> ReclaimPlan:
         """The plan punching only host bytes inside ``keep``; the guest bytes that
         drop out are skipped with ``reason``."""
@@ -70,7 +72,7 @@ class ReclaimPlan:
         dropped = _guest_pieces(self.data, self.punch.subtract(kept))
         skipped = self.skipped + [Skip(r.start, r.length, reason) for r in dropped]
         skipped.sort(key=lambda s: s.start)
-        return ReclaimPlan(self.requested, self.data, kept, skipped, self.block_size, self.lease)
+        return ReclaimPlan(self.requested, self.data, kept, skipped, self.block_size)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,8 +130,8 @@ def sparsify_image(
     bar = progress if progress is not None else _Silent()
     with open_image(path, format) as image, _locked(image, dry_run) as (fd, busy):
         image.check_punchable()
-        results, free = _scan(image, bar, estimate=busy)
-        report = _reclaim(image, free, fd, dry_run, bar)
+        scan = scan_free_space(image, bar.stage, estimate=busy)
+        report = _reclaim(image, scan.free, fd, dry_run, bar)
     not_punched: dict[str, int] = {}
     if report is not None:
         for skip in report.skipped:
@@ -139,7 +139,7 @@ def sparsify_image(
     return SparsifyReport(
         image=str(path),
         format=image.format_name,
-        filesystems=results,
+        filesystems=scan.filesystems,
         punched_bytes=report.punched_bytes if report else 0,
         freed_bytes=report.freed_bytes if report else 0,
         seconds=time.monotonic() - started,
@@ -169,11 +169,39 @@ def _locked(image: Image, dry_run: bool) -> Iterator[tuple[int, bool]]:
         yield stack.enter_context(hold_for_writing(image.data_file.path)), False
 
 
-def _scan(image: Image, bar: Stages, *, estimate: bool = False) -> tuple[list[FilesystemResult], RangeSet]:
-    """Every volume identified and every readable filesystem's free bytes, in disk order."""
+@dataclass(frozen=True)
+class FreeSpaceScan:
+    """What the guest filesystems of an image say is free, read from their structures."""
+
+    #: Every volume, in disk order, with what was found on it.
+    filesystems: list[FilesystemResult]
+    #: Free bytes of the virtual disk (every readable filesystem's, shifted to disk offsets).
+    free: RangeSet
+    #: The bytes of the volumes whose filesystem was read: outside them nothing is known.
+    covered: RangeSet
+
+    @property
+    def skipped(self) -> list[str]:
+        """``"<volume>: <why>"`` for every volume whose free space was not read."""
+        return [f"{f.volume.label}: {f.skipped}" for f in self.filesystems if f.skipped is not None]
+
+
+def scan_free_space(
+    image: Image, stage: Callable[[str], ProgressCallback] | None = None, *, estimate: bool = False
+) -> FreeSpaceScan:
+    """Identify every volume of ``image`` and read each readable filesystem's free bytes.
+
+    Used by ``image sparsify`` and by the host daemon's offline mode. Raises an
+    :class:`~vmreclaim.core.errors.ImageError` when a filesystem must not be trusted
+    (a journal that needs recovery), and :class:`~vmreclaim.core.errors.VMReclaimError`
+    when a filesystem driver reports free bytes past the end of its volume.
+    ``estimate`` (a dry run of an image in use, nothing punched): the readers may read
+    stale structures rather than refuse (:meth:`FilesystemReader.free_space`).
+    """
     readers = loader.load_all("filesystems", FilesystemReader)
     results: list[FilesystemResult] = []
     free = RangeSet()
+    covered = RangeSet()
     for volume in scan_volumes(image):
         if volume.skip_reason is not None:
             results.append(FilesystemResult(volume, volume.content, None, 0, volume.skip_reason))
@@ -187,17 +215,17 @@ def _scan(image: Image, bar: Stages, *, estimate: bool = False) -> tuple[list[Fi
                     det.type if det else None,
                     det.block_size if det else None,
                     0,
-                    found.skip_reason,
+                    found.skip_reason or "no filesystem reader",
                     det.label if det else "",
                 )
             )
             continue
-        stage = bar.stage(f"{volume.label}: {det.type} bitmaps")
+        progress = stage(f"{volume.label}: {det.type} bitmaps") if stage is not None else None
         # Only an estimate passes the keyword: a driver written before it still works.
         space = (
-            found.reader.free_space(volume, det, stage, estimate=True)
+            found.reader.free_space(volume, det, progress, estimate=True)
             if estimate
-            else found.reader.free_space(volume, det, stage)
+            else found.reader.free_space(volume, det, progress)
         )
         if space.free and int(space.free.ends[-1]) > volume.length:
             # A driver bug, not a property of the image: refuse loudly (exit 1).
@@ -206,10 +234,11 @@ def _scan(image: Image, bar: Stages, *, estimate: bool = False) -> tuple[list[Fi
                 "free bytes past the end of the volume; nothing was punched"
             )
         free = free.union(space.free.shift(volume.start))
+        covered = covered.union(RangeSet([volume.start], [volume.start + min(volume.length, space.size)]))
         results.append(
             FilesystemResult(volume, det.type, space.block_size, space.free.total, None, det.label)
         )
-    return results, free
+    return FreeSpaceScan(results, free, covered)
 
 
 def _reclaim(image: Image, free: RangeSet, fd: int, dry_run: bool, bar: Stages) -> ReclaimReport | None:

@@ -42,6 +42,7 @@ from vmreclaim.core.pipeline import Pipeline
 from vmreclaim.core.plugins import Plugins
 from vmreclaim.core.policies import Policy
 from vmreclaim.host.bookkeeping import ReclaimBook
+from vmreclaim.host.budget import raise_nofile_limit
 from vmreclaim.host.control import ControlServer, control_socket_path
 from vmreclaim.host.disks import DiskRuntime
 from vmreclaim.host.images import ImageOpener
@@ -322,4 +323,6 @@ async def _main(config: HostConfig) -> int:
 def run_host(config: HostConfig) -> int:
     """``vmreclaim host --config FILE``: run until SIGTERM or SIGINT; SIGHUP re-lists VMs."""
     setup_logging(config.log_level, config.log_format)
+    soft, hard = raise_nofile_limit()
+    event(logging.INFO, "host.descriptors", limit=soft, hard_limit=hard)
     return asyncio.run(_main(config))

@@ -82,7 +82,7 @@ class Intake:
         if self._registry.count_rejected(vm):
             event(logging.WARNING, "record.rejected", vm=vm, kind=kind, reason=reason)
         try:
-            self._pipeline.plugins.record_rejected(vm=VMIdentity(vm), reason=reason)
+            self._pipeline.record_rejected(VMIdentity(vm), reason)
         except Exception as exc:
             bug("a vmreclaim_record_rejected hook failed", exc)
 
@@ -92,6 +92,12 @@ class Intake:
     def ingest(
         self, disk: Disk, record: DeletionRecord, done: Callable[[int | None, BaseException | None], None]
     ) -> None:
+        rt = self._scheduler.disks.get(disk.key)
+        if rt is not None and rt.pending.covers(record.ranges):
+            # A resend of ranges already durable and pending: acknowledged, not stored
+            # again (2,000,000 resends of one range must not grow the database).
+            asyncio.get_running_loop().call_soon(done, 0, None)
+            return
         self._committer.submit(Incoming(disk.key, record, time.time(), done))
 
     async def room(self) -> None:

@@ -13,6 +13,8 @@ import sys
 import time
 from typing import Any
 
+from vmreclaim.host import budget
+
 LOGGER = logging.getLogger("vmreclaim.host")
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -22,6 +24,33 @@ def event(level: int, name: str, **fields: Any) -> None:
     """Log event ``name`` (``record.rejected``, ``reclaim.done``) with ``fields``."""
     if LOGGER.isEnabledFor(level):
         LOGGER.log(level, name, extra={"fields": fields})
+
+
+_guest_windows: dict[str, list[float]] = {}  # vm -> [window start, lines, suppressed]
+
+
+def guest_event(vm: str, level: int, name: str, **fields: Any) -> None:
+    """Log an event a guest can cause at will (a connection, its ``error`` message, a
+    refused line): at most ``Limits.log_lines_per_minute`` lines per VM and minute, each
+    string cut to ``Limits.log_field_chars`` characters; the lines held back are counted
+    and reported in one ``guest.log_suppressed`` line when the next minute starts. One
+    guest's flood never fills the host's log (issue 11 item 4)."""
+    if not LOGGER.isEnabledFor(level):
+        return
+    now = time.monotonic()
+    window = _guest_windows.setdefault(vm, [now, 0, 0])
+    if now - window[0] > 60:
+        if window[2]:
+            event(logging.WARNING, "guest.log_suppressed", vm=vm, lines=int(window[2]), seconds=60)
+        window[:] = [now, 0, 0]
+    limits = budget.DEFAULT_LIMITS
+    window[1] += 1
+    if window[1] > limits.log_lines_per_minute:
+        window[2] += 1
+        return
+    chars = limits.log_field_chars
+    cut = {k: (v[:chars] + "...") if isinstance(v, str) and len(v) > chars else v for k, v in fields.items()}
+    event(level, name, vm=vm, **cut)
 
 
 def bug(what: str, exc: BaseException | None) -> None:

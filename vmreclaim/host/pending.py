@@ -14,6 +14,7 @@ the reclaim did not try plus everything that arrived meanwhile — mirroring
 
 from __future__ import annotations
 
+import hashlib
 from collections import deque
 from dataclasses import dataclass
 
@@ -23,6 +24,14 @@ from vmreclaim.core.ranges import RangeSet
 
 #: Fresh ranges are merged once there are more of them than this and than merged ones.
 MERGE_AT = 4096
+
+
+def fingerprint(ranges: RangeSet) -> bytes:
+    """A digest of a (normalised) range set: equal sets, equal digests."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(ranges.starts.tobytes())
+    h.update(ranges.ends.tobytes())
+    return h.digest()
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,8 @@ class PendingRanges:
         self._fresh_bytes = 0
         self._records: deque[tuple[int, float]] = deque()
         self._snapshot_upto: int | None = None
+        #: Fingerprints of the fresh records, so that a record resent as is is known.
+        self._fresh_prints: set[bytes] = set()
 
     # -- adding --------------------------------------------------------------------------
 
@@ -64,6 +75,7 @@ class PendingRanges:
         """A record (ids increase) became durable; ``total`` is ``ranges.total`` if known."""
         self._records.append((rid, received))
         self._fresh.append((rid, ranges))
+        self._fresh_prints.add(fingerprint(ranges))
         self._fresh_ranges += len(ranges)
         self._fresh_bytes += ranges.total if total is None else total
         # While a reclaim works on a snapshot, newer records stay apart so that consume()
@@ -79,6 +91,7 @@ class PendingRanges:
             np.concatenate([p.starts for p in parts]), np.concatenate([p.ends for p in parts])
         )
         self._fresh.clear()
+        self._fresh_prints.clear()
         self._fresh_ranges = 0
         self._fresh_bytes = 0
 
@@ -103,6 +116,24 @@ class PendingRanges:
 
     def __bool__(self) -> bool:
         return bool(self._records)
+
+    def covers(self, ranges: RangeSet) -> bool:
+        """Whether every byte of ``ranges`` is already pending in a durable record that
+        no reclaim has taken yet: a record resent with those ranges adds nothing.
+
+        While a reclaim works on a snapshot only the records that arrived since count:
+        the snapshot's ranges may be dropped by it (not free under the fence), and a
+        newer record saying they are free again must then be kept.
+        """
+        if fingerprint(ranges) in self._fresh_prints:
+            return True
+        merged = self._merged
+        if self._snapshot_upto is not None or not len(merged) or not len(ranges):
+            return False
+        at = np.searchsorted(merged.starts, ranges.starts, side="right") - 1
+        if bool((at < 0).any()):
+            return False
+        return bool((merged.ends[at] >= ranges.ends).all())
 
     def exact(self) -> RangeSet:
         """The coalesced pending ranges (merges unless a reclaim is in flight)."""
@@ -150,6 +181,7 @@ class PendingRanges:
         newer = [(rid, r) for rid, r in self._fresh if rid > snap.upto]
         self._merged = RangeSet()
         self._fresh = []
+        self._fresh_prints = set()
         self._fresh_ranges = 0
         self._fresh_bytes = 0
         self._snapshot_upto = None
@@ -160,6 +192,7 @@ class PendingRanges:
             done = []
         for rid, r in newer:
             self._fresh.append((rid, r))
+            self._fresh_prints.add(fingerprint(r))
             self._fresh_ranges += len(r)
             self._fresh_bytes += r.total
         if self._records and remainder_id is not None and kept:

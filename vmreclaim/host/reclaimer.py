@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from vmreclaim.core import loader
 from vmreclaim.core.errors import (
     FenceError,
     HypervisorError,
@@ -45,15 +44,16 @@ from vmreclaim.core.errors import (
     ImageError,
     VMReclaimError,
 )
-from vmreclaim.core.formats import Image
 from vmreclaim.core.hypervisors import Hypervisor, VMInfo
 from vmreclaim.core.lease import Lease
 from vmreclaim.core.locks import hold_for_writing
 from vmreclaim.core.model import Disk
 from vmreclaim.core.pipeline import Pipeline
 from vmreclaim.core.protocol import FenceReady, FenceRefused, TrimDone, pairs_to_ranges
+from vmreclaim.core.punch import allocated_bytes
 from vmreclaim.core.ranges import ByteRange, RangeSet
 from vmreclaim.core.reclaim import ReclaimReport
+from vmreclaim.core.sparsify import scan_free_space
 from vmreclaim.host.attempt import DONE, EXPIRED, FAILED, POSTPONED, REFUSED, Attempt
 from vmreclaim.host.images import ImageOpener
 from vmreclaim.host.logs import event
@@ -159,38 +159,12 @@ def loop_device_of(path: Path) -> str | None:
     return None
 
 
-def offline_free_space(image: Image) -> tuple[RangeSet, RangeSet, list[str]]:
-    """Free bytes of the guest filesystems in ``image``, read from their structures.
+@dataclass(frozen=True)
+class NotNow:
+    """An attempt stopped before any write, for a reason that is not an error (a block
+    job, a loop device); the attempt is postponed with this reason."""
 
-    Returns ``(free, covered, skipped)``: the free virtual-disk ranges, the ranges of
-    the volumes whose filesystem could be read (outside them nothing is known), and why
-    the others could not. Raises an ImageError when a filesystem must not be trusted
-    (a journal that needs recovery).
-    """
-    # Imported here: only the offline path needs the filesystem readers.
-    from vmreclaim.core.filesystems import FilesystemReader, identify
-    from vmreclaim.core.volumes import scan_volumes
-
-    readers = loader.load_all("filesystems", FilesystemReader)
-    free = RangeSet()
-    covered = RangeSet()
-    skipped = []
-    for volume in scan_volumes(image):
-        if volume.skip_reason:
-            skipped.append(f"{volume.label}: {volume.skip_reason}")
-            continue
-        found = identify(volume, readers)
-        if found.reader is None or found.detection is None or found.skip_reason:
-            skipped.append(f"{volume.label}: {found.skip_reason or 'no filesystem reader'}")
-            continue
-        space = found.reader.free_space(volume, found.detection)
-        free = free.union(space.free.shift(volume.start))
-        covered = covered.union(RangeSet([volume.start], [volume.start + min(volume.length, space.size)]))
-    return free, covered, skipped
-
-
-class Postponed(VMReclaimError):
-    """Not now, for a reason that is not an error (a block job, a busy image)."""
+    reason: str
 
 
 class Reclaimer:
@@ -237,7 +211,7 @@ class Reclaimer:
 
     async def _trim(self, disk: Disk, session: AgentLink, ranges: RangeSet) -> Attempt:
         async with session.fence_lock:
-            before = await self._thread(_allocated, disk.path)
+            before = await self._thread(allocated_bytes, disk.path)
             try:
                 reply = await session.trim(disk, ranges, self.trim_timeout)
             except FenceError as exc:
@@ -246,7 +220,7 @@ class Reclaimer:
                 return Attempt(
                     "trim", REFUSED, f"agent refused to trim: {reply.error}", requested_bytes=ranges.total
                 )
-            freed = before - await self._thread(_allocated, disk.path)
+            freed = before - await self._thread(allocated_bytes, disk.path)
             if reply.error and not reply.trimmed_bytes:
                 if "EOPNOTSUPP" in reply.error or "not supported" in reply.error:
                     # The guest's disk takes no discards after all: fence from now on.
@@ -255,7 +229,7 @@ class Reclaimer:
                     "trim", REFUSED, f"agent could not trim: {reply.error}", requested_bytes=ranges.total
                 )
         report = ReclaimReport(ranges.total, reply.trimmed_bytes, freed, [], mode="trim")
-        self.pipeline.plugins.reclaim_done(disk=disk, report=report)
+        self.pipeline.trimmed(disk, report)
         return Attempt(
             "trim",
             DONE,
@@ -268,22 +242,23 @@ class Reclaimer:
 
     # -- fenced host punch -----------------------------------------------------------------
 
-    def _check_block_jobs(self, info: VMInfo, disk: Disk) -> None:
+    def _block_jobs(self, info: VMInfo, disk: Disk) -> NotNow | None:
+        """Why ``disk`` must not be punched now because of block jobs, or ``None``."""
         if not info.running:
-            return  # no hypervisor process has the image open: no block job can run
+            return None  # no hypervisor process has the image open: no block job can run
         try:
             jobs = self.hypervisor.block_jobs(info.identity, disk)
         except HypervisorError as exc:
-            raise Postponed(f"cannot ask for block jobs on {disk.key}: {exc}") from exc
+            return NotNow(f"cannot ask for block jobs on {disk.key}: {exc}")
         if jobs:
-            raise Postponed(f"block job {', '.join(jobs)} runs on {disk.key}")
+            return NotNow(f"block job {', '.join(jobs)} runs on {disk.key}")
+        return None
 
     async def _fenced(self, disk: Disk, info: VMInfo, session: AgentLink, ranges: RangeSet) -> Attempt:
         requested = ranges.total
-        try:
-            await self._thread(self._check_block_jobs, info, disk)
-        except Postponed as exc:
-            return Attempt("fence", POSTPONED, str(exc), requested_bytes=requested)
+        jobs = await self._thread(self._block_jobs, info, disk)
+        if jobs is not None:
+            return Attempt("fence", POSTPONED, jobs.reason, requested_bytes=requested)
         verified = RangeSet()
         async with session.fence_lock:
             wait = self.lease_seconds - self.margin_seconds
@@ -313,12 +288,12 @@ class Reclaimer:
                         "fence", DONE, "no range was still free under the fence", requested_bytes=requested
                     )
                 report = await self._thread(self._punch_live, info, disk, verified, lease)
+                if isinstance(report, NotNow):
+                    return Attempt("fence", POSTPONED, report.reason, requested_bytes=requested)
             except FenceError as exc:
                 return Attempt(
                     "fence", EXPIRED, str(exc), requested_bytes=requested, verified_bytes=verified.total
                 )
-            except Postponed as exc:
-                return Attempt("fence", POSTPONED, str(exc), requested_bytes=requested)
             except (ImageError, ImageBusyError, OSError, VMReclaimError) as exc:
                 return Attempt("fence", FAILED, str(exc), requested_bytes=requested)
             finally:
@@ -343,10 +318,14 @@ class Reclaimer:
             fence_seconds=frozen,
         )
 
-    def _punch_live(self, info: VMInfo, disk: Disk, verified: RangeSet, lease: Lease) -> ReclaimReport:
+    def _punch_live(
+        self, info: VMInfo, disk: Disk, verified: RangeSet, lease: Lease
+    ) -> ReclaimReport | NotNow:
         """Inside the fence, on a worker thread: re-check, translate afresh, punch."""
         lease.check()
-        self._check_block_jobs(info, disk)
+        jobs = self._block_jobs(info, disk)
+        if jobs is not None:
+            return jobs
         with self.images.open(disk) as image:
             ranges = verified.clip(ByteRange(0, image.virtual_size))
             if not ranges:
@@ -364,11 +343,14 @@ class Reclaimer:
 
     async def _offline(self, disk: Disk, ranges: RangeSet) -> Attempt:
         try:
-            report, verified, keep, note = await self._thread(self._punch_offline, disk, ranges)
-        except (Postponed, ImageBusyError) as exc:
+            outcome = await self._thread(self._punch_offline, disk, ranges)
+        except ImageBusyError as exc:  # a VM or another tool holds the image: not now
             return Attempt("offline", POSTPONED, str(exc), requested_bytes=ranges.total)
         except (ImageError, OSError, VMReclaimError) as exc:
             return Attempt("offline", FAILED, str(exc), requested_bytes=ranges.total)
+        if isinstance(outcome, NotNow):
+            return Attempt("offline", POSTPONED, outcome.reason, requested_bytes=ranges.total)
+        report, verified, keep, note = outcome
         return Attempt(
             "offline",
             DONE,
@@ -380,29 +362,29 @@ class Reclaimer:
             still_pending=keep,
         )
 
-    def _punch_offline(self, disk: Disk, ranges: RangeSet) -> tuple[ReclaimReport | None, int, RangeSet, str]:
+    def _punch_offline(
+        self, disk: Disk, ranges: RangeSet
+    ) -> tuple[ReclaimReport | None, int, RangeSet, str] | NotNow:
+        """Verify ``ranges`` against the guest filesystems' own free space, then punch
+        those verified; ``(report, verified bytes, ranges still pending, note)``."""
         # Lock first, then read: no QEMU can start writing between our verification and
         # our punch (it would see our locks and fail, as under a running VM it would).
         with ExitStack() as stack:
             fd = stack.enter_context(hold_for_writing(disk.path))
             loop_dev = loop_device_of(disk.path)
             if loop_dev is not None:
-                raise Postponed(f"{disk.path} is attached to {loop_dev}, which may be mounted")
+                return NotNow(f"{disk.path} is attached to {loop_dev}, which may be mounted")
             image = stack.enter_context(self.images.open(disk))
             if image.data_file.path != image.file.path:
                 fd = stack.enter_context(hold_for_writing(image.data_file.path))
             asked = ranges.clip(ByteRange(0, image.virtual_size))
-            free, covered, skipped = offline_free_space(image)
-            verified = asked.intersect(free)
-            keep = asked.subtract(covered)
+            scan = scan_free_space(image)
+            verified = asked.intersect(scan.free)
+            keep = asked.subtract(scan.covered)
             note = f"{verified.total} of {ranges.total} bytes verified free offline"
-            if skipped:
-                note += "; not verified: " + "; ".join(skipped)
+            if scan.skipped:
+                note += "; not verified: " + "; ".join(scan.skipped)
             if not verified:
                 return None, 0, keep, note
             report = self.pipeline.reclaim(disk, image, verified, fd=fd)
             return report, verified.total, keep, note
-
-
-def _allocated(path: Path) -> int:
-    return os.stat(path).st_blocks * 512

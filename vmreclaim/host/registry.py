@@ -25,7 +25,8 @@ from vmreclaim.core import loader
 from vmreclaim.core.errors import HypervisorError, VMReclaimError
 from vmreclaim.core.hypervisors import Hypervisor, VMInfo
 from vmreclaim.core.transports import Transport
-from vmreclaim.host.logs import bug, event
+from vmreclaim.host.budget import Budgets
+from vmreclaim.host.logs import bug, event, guest_event
 from vmreclaim.host.metrics import HostMetrics
 from vmreclaim.host.scheduler import Scheduler
 from vmreclaim.host.session import AgentSession, SessionHost
@@ -67,6 +68,8 @@ class VMRegistry:
         self._executor = executor
         self._rescan_seconds = rescan_seconds
         self.vms: dict[str, VMRuntime] = {}
+        #: What each VM's channel may cost (vmreclaim.host.budget).
+        self.budgets = Budgets()
         self._host: SessionHost | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._rescan_now = asyncio.Event()
@@ -127,6 +130,7 @@ class VMRegistry:
                 self._spawn(vmrt.session.close("VM removed by the hypervisor"), f"close:{name}")
             for disk in vmrt.info.disks:
                 self._scheduler.untrack(disk.key)
+            self.budgets.forget(name)
             event(logging.INFO, "vm.removed", vm=name)
 
     async def _listen(self, name: str) -> None:
@@ -146,10 +150,17 @@ class VMRegistry:
                     if current is None or self._stopping or self._host is None:
                         writer.close()
                         return
-                    try:
-                        await AgentSession(self._host, current.info, reader, writer, peer).run()
-                    except Exception as exc:  # a bug in a session must not reach the others
-                        bug(f"session of VM {name} failed", exc)
+                    budget = self.budgets.vm(name)
+                    with budget.connection() as admitted:
+                        if not admitted:
+                            # Closed at once: one VM's idle connections hold no descriptors.
+                            guest_event(name, logging.WARNING, "agent.too_many_connections", peer=peer)
+                            writer.transport.abort()
+                            return
+                        try:
+                            await AgentSession(self._host, current.info, reader, writer, peer, budget).run()
+                        except Exception as exc:  # a bug in a session must not reach the others
+                            bug(f"session of VM {name} failed", exc)
 
                 event(logging.INFO, "channel.listening", vm=name, channel=transport.describe())
                 await transport.serve(handler)

@@ -27,6 +27,7 @@ from vmreclaim.core.hypervisors import VMInfo
 from vmreclaim.core.model import MAX_RANGES_PER_RECORD, DeletionRecord, Disk, VMIdentity
 from vmreclaim.core.pipeline import Pipeline
 from vmreclaim.core.policies import Decision, DiskState, Policy, StorageState
+from vmreclaim.host import budget
 from vmreclaim.host.attempt import POSTPONED, Attempt
 from vmreclaim.host.bookkeeping import ReclaimBook
 from vmreclaim.host.disks import DiskRuntime
@@ -37,9 +38,6 @@ from vmreclaim.host.pending import PendingRanges, Snapshot
 from vmreclaim.host.reclaimer import AgentLink, Reclaimer
 from vmreclaim.host.store import DiskTotals
 
-#: A disk refuses new records while this many ranges wait for it (bounded memory and
-#: database per disk, whatever a guest sends); its agent gets a ``nack`` saying so.
-MAX_PENDING_RANGES = 4_000_000
 #: After commits, the scheduler waits this long to gather more before deciding again.
 DECIDE_COALESCE_SECONDS = 0.02
 
@@ -118,10 +116,12 @@ class Scheduler:
         rt = self.disks.get(disk.key)
         if rt is None:
             return f"disk {disk.key} is not served"
-        if rt.pending.ranges_upper + len(record.ranges) > MAX_PENDING_RANGES:
+        # Bounded memory and database per disk, whatever a guest sends (host/budget.py).
+        limit = budget.DEFAULT_LIMITS.ranges_per_disk
+        if rt.pending.ranges_upper + len(record.ranges) > limit:
             return (
                 f"disk {disk.key} already has {rt.pending.ranges_upper} pending ranges "
-                f"(limit {MAX_PENDING_RANGES}); refused, its blocks stay allocated"
+                f"(limit {limit}); refused, its blocks stay allocated"
             )
         return None
 
@@ -142,7 +142,7 @@ class Scheduler:
             acc[1] += len(rec.ranges)
             acc[2] += size
             try:
-                self._pipeline.plugins.record_received(vm=VMIdentity(rt.disk.vm), record=rec)
+                self._pipeline.record_received(VMIdentity(rt.disk.vm), rec)
             except Exception as exc:  # an observer's bug must not cost an ack
                 bug("a vmreclaim_record_received hook failed", exc)
         # Counters once per disk and batch: a batch may hold thousands of records.

@@ -31,6 +31,7 @@ from vmreclaim.core.errors import FenceError, ProtocolError
 from vmreclaim.core.freespace import FreeSpace, Reconcile
 from vmreclaim.core.hypervisors import VMInfo
 from vmreclaim.core.lease import Lease
+from vmreclaim.core.lines import read_line
 from vmreclaim.core.model import MAX_RANGES_PER_RECORD, DeletionRecord, Disk
 from vmreclaim.core.protocol import (
     MIN_PROTOCOL_VERSION,
@@ -52,13 +53,16 @@ from vmreclaim.core.protocol import (
     Welcome,
     WelcomeDisk,
     _Message,
+    check_record_document,
     decode_from_agent,
     encode,
     ranges_to_pairs,
+    record_seq,
 )
 from vmreclaim.core.ranges import RangeSet
 from vmreclaim.core.transports import MAX_LINE_BYTES
-from vmreclaim.host.logs import event
+from vmreclaim.host.budget import DEFAULT_LIMITS, VMBudget
+from vmreclaim.host.logs import event, guest_event
 from vmreclaim.host.reconcile import FreeSpaceAnswer, FreeSpaceCollector
 
 #: An agent must say hello this soon after connecting.
@@ -146,8 +150,11 @@ class AgentSession:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         peer: str,
+        budget: VMBudget | None = None,
     ) -> None:
         self.host = host
+        #: What this VM's channel may still cost (shared by its connections).
+        self.budget = budget or VMBudget(DEFAULT_LIMITS)
         self.vm = vm
         self.name = vm.identity.name
         self.reader = reader
@@ -172,12 +179,14 @@ class AgentSession:
     # -- the connection's life -----------------------------------------------------------
 
     async def run(self) -> None:
-        event(logging.INFO, "agent.connected", vm=self.name, peer=self.peer)
+        guest_event(self.name, logging.INFO, "agent.connected", peer=self.peer)
         try:
             if await self._handshake():
                 await self._serve()
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            event(logging.INFO, "agent.connection_lost", vm=self.name, error=str(exc) or type(exc).__name__)
+            guest_event(
+                self.name, logging.INFO, "agent.connection_lost", error=str(exc) or type(exc).__name__
+            )
         finally:
             await self.close("channel closed")
 
@@ -196,10 +205,10 @@ class AgentSession:
         self.writer.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.writer.wait_closed(), 2.0)
-        event(
+        guest_event(
+            self.name,
             logging.INFO,
             "agent.disconnected",
-            vm=self.name,
             why=why,
             records=self.records,
             rejected=self.rejected,
@@ -210,29 +219,14 @@ class AgentSession:
             self.writer.write(encode(message))
 
     async def _next_line(self) -> bytes | None:
-        """The next line, or ``None`` at the end of the stream.
+        """The next line, or ``None`` at the end of the stream; an over-long line is
+        discarded and reported as a :class:`ProtocolError` (the caller answers ``error``
+        and goes on with the next line, docs/protocol.md "Framing")."""
 
-        A line longer than the channel's limit is discarded up to its newline without
-        holding it in memory, then reported as a :class:`ProtocolError` (the caller
-        answers ``error`` and goes on with the next line, docs/protocol.md "Framing").
-        """
-        try:
-            return await self.reader.readuntil(b"\n")
-        except asyncio.IncompleteReadError as exc:
-            if exc.partial:
-                event(logging.WARNING, "agent.partial_line", vm=self.name, bytes=len(exc.partial))
-            return None
-        except asyncio.LimitOverrunError as exc:
-            dropped = len(await self.reader.read(exc.consumed))
-        while True:
-            try:
-                dropped += len(await self.reader.readuntil(b"\n"))
-            except asyncio.IncompleteReadError:
-                return None
-            except asyncio.LimitOverrunError as exc:
-                dropped += len(await self.reader.read(exc.consumed))
-                continue
-            raise ProtocolError(f"line of {dropped} bytes exceeds the limit of {MAX_LINE_BYTES} bytes")
+        def partial(size: int) -> None:
+            guest_event(self.name, logging.WARNING, "agent.partial_line", bytes=size)
+
+        return await read_line(self.reader, sender=f"agent of VM {self.name}", on_partial=partial)
 
     async def _handshake(self) -> bool:
         try:
@@ -245,6 +239,7 @@ class AgentSession:
             return False
         if line is None:
             return False
+        await self.budget.pace(len(line))
         try:
             hello = decode_from_agent(line)
         except ProtocolError as exc:
@@ -275,10 +270,10 @@ class AgentSession:
                     f"the agent's disk {disk.id!r} has {said.size} bytes but the image {disk.path} "
                     f"of {disk.key} has a virtual size of {sizes[disk.id]} bytes"
                 )
-                event(
+                guest_event(
+                    self.name,
                     logging.ERROR,
                     "agent.disk_mismatch",
-                    vm=self.name,
                     disk=disk.id,
                     detail=mismatched[disk.id],
                 )
@@ -295,10 +290,10 @@ class AgentSession:
         )
         self.welcomed = True
         unknown = sorted(set(announced) - {d.id for d in self.vm.disks})
-        event(
+        guest_event(
+            self.name,
             logging.INFO,
             "agent.hello",
-            vm=self.name,
             agent=hello.agent,
             capabilities=sorted(caps),
             modes=modes,
@@ -315,13 +310,17 @@ class AgentSession:
     async def _serve(self) -> None:
         while not self.closed:
             await self.host.room()
+            await self.budget.room()
             try:
                 line = await self._next_line()
             except ProtocolError as exc:
+                await self.budget.pace(MAX_LINE_BYTES)
                 self._bad_line(str(exc), "oversize")
                 continue
             if line is None:
                 return
+            # Past its rates the VM waits here, unread: its own socket fills, nobody else's.
+            await self.budget.pace(len(line))
             try:
                 message = decode_from_agent(line)
             except ProtocolError as exc:
@@ -350,7 +349,7 @@ class AgentSession:
         elif isinstance(message, Released):
             self._released(message)
         elif isinstance(message, Error):
-            event(logging.WARNING, "agent.error", vm=self.name, error=message.error, ref=message.ref)
+            guest_event(self.name, logging.WARNING, "agent.error", error=message.error, ref=message.ref)
         elif isinstance(message, FreeSpace):
             refusal = self._free_space.received(message)
             if refusal is not None:
@@ -361,8 +360,14 @@ class AgentSession:
             self._bad_line("'hello' may only be the first message", "protocol")
 
     def _record(self, doc: dict[str, Any]) -> None:
-        raw_seq = doc.get("seq", 0)
-        seq = raw_seq if type(raw_seq) is int and raw_seq >= 0 else 0
+        seq = record_seq(doc)
+        try:
+            check_record_document(doc)
+        except ProtocolError as exc:
+            # A seq that cannot be echoed gets a bare ``error`` (nack needs a wire int).
+            self._bad_line(f"record {seq}: {exc}", "invalid", seq=seq)
+            return
+        assert seq is not None  # check_record_document bounded it
         disk_id = doc.get("disk")
         disk = self.vm.disk(disk_id) if isinstance(disk_id, str) else None
         if disk is None:
@@ -396,12 +401,17 @@ class AgentSession:
             return
         self._bad_in_a_row = 0
         self.records += 1
+        self.budget.hold(len(record.ranges))
         self.host.ingest(disk, record, self._acknowledger(record))
 
     def _acknowledger(self, record: DeletionRecord) -> Callable[[int | None, BaseException | None], None]:
         def done(rid: int | None, error: BaseException | None) -> None:
+            self.budget.release(len(record.ranges))
             if error is None:
                 self.send(Ack(seq=record.seq))
+            elif isinstance(error, ProtocolError):
+                # This record alone was refused by the database: it would never pass.
+                self._bad_line(f"record {record.seq}: {error}", "unstorable", seq=record.seq)
             elif not self.closed:
                 # Not durable, so not acknowledged: the agent still has it in its spool
                 # and sends it again when it reconnects.

@@ -177,6 +177,11 @@ class DeletionStore:
                 f"database {self.path} is in use by another vmreclaim host daemon (it holds {self.path}.lock)"
             ) from None
         try:
+            _private(self.path)
+        except OSError as exc:
+            os.close(self._lock_fd)
+            raise UsageError(f"database {self.path}: cannot make it private: {exc.strerror}") from exc
+        try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
@@ -387,6 +392,25 @@ class DeletionStore:
                 "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
                 [(f"rejected:{vm}", n) for vm, n in rejected.items() if n],
             )
+
+
+def _private(path: Path) -> None:
+    """Make the database and its -wal and -shm files readable by their owner only.
+
+    The database holds every VM's deletion history and image paths. SQLite creates the
+    -wal and -shm files with the database file's own mode, so the database is created
+    0600 first (``open``'s mode can only be narrowed by the umask, and changing the
+    process-wide umask would race the daemon's other threads); files left readable by an
+    older version are tightened.
+    """
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            st = os.stat(f"{path}{suffix}")
+        except FileNotFoundError:
+            continue
+        if st.st_mode & 0o077:
+            os.chmod(f"{path}{suffix}", st.st_mode & 0o700)
 
 
 class _Transaction:

@@ -26,6 +26,7 @@ import re
 import stat
 import zlib
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ from vmreclaim.core.formats import (
 )
 from vmreclaim.core.ranges import ByteRange, RangeSet
 from vmreclaim.plugins.formats import _qcow2_header as hdr
+from vmreclaim.plugins.formats._qcow2_check import check_consistency
 from vmreclaim.plugins.formats._qcow2_header import Header
 
 U64 = npt.NDArray[np.uint64]
@@ -204,6 +206,8 @@ class Qcow2Image(Image):
                 "refcounts cannot be trusted; run `qemu-img check -r all` or open and close it in QEMU"
             )
         self.metadata_ranges()  # validates that no two structures overlap
+        # What `qemu-img check` counts as an error: refcounts, COPIED flags, past EOF.
+        check_consistency(self, self.file.path, self.file.size, external_data=self._data_file is not None)
         if self._data_file is not None:
             self._check_data_file()
 
@@ -637,20 +641,16 @@ class Qcow2Image(Image):
             )
         return self._census_cache
 
-    def _metadata(self) -> RangeSet:
-        """Every host range holding a qcow2 structure; overlapping structures are corrupt."""
+    def structures(self) -> list[tuple[str, I64, I64]]:
+        """Every qcow2 structure but L2 tables and data clusters, as ``(name, starts,
+        lengths)`` in whole clusters: what QEMU counts once each in the refcounts."""
         h, cs = self.header, self._cs
-        names: list[str] = []
-        starts: list[I64] = []
-        lengths: list[I64] = []
+        out: list[tuple[str, I64, I64]] = []
 
         def add(what: str, offs: Any, length: int | I64) -> None:
             arr = np.atleast_1d(np.asarray(offs, dtype=np.int64))
-            if not arr.size:
-                return
-            names.extend([what] * arr.size)
-            starts.append(arr)
-            lengths.append(np.broadcast_to(np.asarray(length, dtype=np.int64), arr.shape))
+            if arr.size:
+                out.append((what, arr, np.broadcast_to(np.asarray(length, dtype=np.int64), arr.shape)))
 
         def clusters_of(nbytes: int) -> int:
             return max(cs, -(-nbytes // cs) * cs)
@@ -660,13 +660,10 @@ class Qcow2Image(Image):
         add("refcount table", h.refcount_table_offset, h.refcount_table_clusters * cs)
         blocks = (self._reftable & np.uint64(hdr.REFT_OFFSET_MASK)).astype(np.int64)
         add("refcount block", blocks[blocks != 0], cs)
-        l2_sets = [np.unique(self._l2_offsets(self._l1))]
         if self._snapshots:
             add("snapshot table", h.snapshots_offset, clusters_of(self._snapshot_table_len))
-            for snap, l1 in zip(self._snapshots, self._snapshot_l1s(), strict=True):
+            for snap in self._snapshots:
                 add(f"L1 table of snapshot {snap.name!r}", snap.l1_offset, clusters_of(snap.l1_size * 8))
-                l2_sets.append(self._l2_offsets(l1))
-        add("L2 table", np.unique(np.concatenate(l2_sets)), cs)
         if self._bitmap_dir is not None:
             add("bitmap directory", self._bitmap_dir[0], clusters_of(self._bitmap_dir[1]))
         for bm in self._bitmaps:
@@ -684,8 +681,43 @@ class Qcow2Image(Image):
             add(f"data of bitmap {bm.name!r}", data, cs)
         if h.crypto_area is not None:
             add("LUKS encryption header", h.crypto_area[0], clusters_of(h.crypto_area[1]))
-        s = np.concatenate(starts)
-        n = np.concatenate(lengths)
+        return out
+
+    def l1_tables(self) -> list[tuple[str, U64]]:
+        """The active L1 table, then every snapshot's, with their names."""
+        named = [(f"L1 table of snapshot {s.name!r}", s) for s in self._snapshots]
+        return [("active L1 table", self._l1)] + [
+            (name, l1) for (name, _), l1 in zip(named, self._snapshot_l1s(), strict=True)
+        ]
+
+    def l2_words(self, l2_offsets: I64) -> Iterator[tuple[I64, U64]]:
+        """``(table_offset_per_entry, first_word_per_entry)`` for every entry of the L2
+        tables at ``l2_offsets``, in batches that bound memory."""
+        per_batch = max(1, _BATCH_ENTRIES // self._l2n)
+        for b in range(0, l2_offsets.size, per_batch):
+            offs = l2_offsets[b : b + per_batch]
+            tables = self._l2_tables(offs)
+            words = (tables[:, :, 0] if self.header.extended_l2 else tables).reshape(-1)
+            yield np.repeat(offs, self._l2n), words
+
+    def refcounts(self, clusters: I64) -> npt.NDArray[np.int64]:
+        """Stored refcounts of host ``clusters`` (0 where no refcount block covers them)."""
+        return self._refcounts(clusters)
+
+    def references(self, l2_offsets: I64) -> tuple[I64, I64]:
+        """Host clusters the L2 tables at ``l2_offsets`` name: (plain, compressed)."""
+        return self._references(l2_offsets)
+
+    def _metadata(self) -> RangeSet:
+        """Every host range holding a qcow2 structure; overlapping structures are corrupt."""
+        found = self.structures()
+        l2_sets = [self._l2_offsets(l1) for _, l1 in self.l1_tables()]
+        l2 = np.unique(np.concatenate(l2_sets))
+        if l2.size:
+            found.append(("L2 table", l2, np.full(l2.size, self._cs, dtype=np.int64)))
+        names = [name for name, offs, _ in found for _ in range(offs.size)]
+        s = np.concatenate([offs for _, offs, _ in found])
+        n = np.concatenate([lens for _, _, lens in found])
         clash = first_overlap(s, n)
         if clash is not None:
             i, j = clash
@@ -759,7 +791,7 @@ class Qcow2Format(ImageFormat):
             if data_path.resolve() == file.path.resolve():
                 raise CorruptImageError(f"{file.path}: qcow2 external data file names the image itself")
             try:
-                data_file = ImageFile(data_path)
+                data_file = opener.data_file(data_path)
             except UsageError as exc:
                 raise UnsupportedImageError(
                     f"{file.path}: qcow2 external data file {h.data_file!r} cannot be opened: {exc}"

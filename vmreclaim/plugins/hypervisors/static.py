@@ -20,6 +20,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
+from vmreclaim.core import loader
 from vmreclaim.core.config import StrictModel, TransportConfig
 from vmreclaim.core.driver import DriverOptions
 from vmreclaim.core.errors import HypervisorError
@@ -37,9 +38,26 @@ def _require_unique(values: list[str], rule: str) -> None:
 class StaticDisk(StrictModel):
     id: str = Field(min_length=1, max_length=256)
     path: Path
-    format: str = "auto"
+    #: Required, and never ``auto``: probing reads bytes the guest writes, and a qcow2
+    #: header planted in a raw disk would name another VM's image as its data file
+    #: (DESIGN.md section 4, rule 6). The operator's word is the only source here.
+    format: str = Field(description="the image's format driver: raw, qcow2, vhd, ...")
     discard: bool = Field(default=False, description="the hypervisor passes guest discards")
     serial: str | None = None
+
+
+    @field_validator("format")
+    @classmethod
+    def _named_format(cls, value: str) -> str:
+        if value == "auto":
+            raise ValueError(
+                "'auto' is refused: a guest can write a qcow2 or VHD header into its own raw disk "
+                "and redirect punches; name the format (raw, qcow2, vhd)"
+            )
+        installed = loader.names("formats")
+        if value not in installed:
+            raise ValueError(f"no format driver {value!r} is installed; installed: {', '.join(installed)}")
+        return value
 
 
 class StaticVM(StrictModel):

@@ -20,9 +20,13 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import math
 import os
 import secrets
 import stat
+import string
+import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +39,20 @@ from vmreclaim.core.transports import MAX_LINE_BYTES, ConnectionHandler, Transpo
 log = logging.getLogger("vmreclaim.transports.tcp")
 
 GREETING = b"VMRECLAIM-TCP 1 "
-MIN_SECRET_BYTES = 16
+#: A secret must carry at least this much entropy (estimated, see :func:`secret_bits`).
+MIN_SECRET_BITS = 128
+#: ... and use at least this many distinct symbols ("0" * 64 is long, not secret).
+MIN_SECRET_SYMBOLS = 8
+#: Connections of one VM's port that may be in the handshake at once; more are closed at
+#: once (idle connections must not hold descriptors or buffers, issue 11 item 4).
+MAX_PENDING_HANDSHAKES = 4
+#: Failed handshakes of one VM's port per minute; past that the port closes every new
+#: connection at once until the oldest failure is a minute old (a guesser gets a few
+#: tries a minute, and the log a few lines).
+HANDSHAKE_FAILURES_PER_MINUTE = 8
+#: Handshake lines are short ("NONCE MAC"); the raw stream's own buffer is this small so
+#: that a connection that has not proved the secret holds almost nothing.
+_HANDSHAKE_LIMIT = 4096
 _MAC_HEX = 64
 #: How a handshake can fail: the peer hangs up, is slow, sends junk or the wrong proof.
 _HANDSHAKE_ERRORS = (
@@ -53,7 +70,7 @@ class TcpOptions(DriverOptions):
     #: The host's address: the host listens on it, the agent connects to it.
     address: str = Field(default="127.0.0.1", min_length=1)
     port: int = Field(ge=1, le=65535)
-    #: The VM's secret, inline (at least 16 bytes) ...
+    #: The VM's secret, inline (at least 128 bits: ``openssl rand -hex 16`` or more) ...
     secret: SecretStr | None = None
     #: ... or in a file readable by its owner only.
     secret_file: Path | None = None
@@ -63,9 +80,47 @@ class TcpOptions(DriverOptions):
     def _one_secret(self) -> TcpOptions:
         if (self.secret is None) == (self.secret_file is None):
             raise ValueError("give exactly one of 'secret' and 'secret_file'")
-        if self.secret is not None and len(self.secret.get_secret_value().encode()) < MIN_SECRET_BYTES:
-            raise ValueError(f"'secret' must be at least {MIN_SECRET_BYTES} bytes")
+        if self.secret is not None:
+            problem = weak_secret(self.secret.get_secret_value().encode())
+            if problem is not None:
+                raise ValueError(f"'secret' {problem}")
         return self
+
+
+_CLASSES = [
+    set(string.digits.encode()),
+    set(b"0123456789abcdef"),
+    set(b"0123456789ABCDEF"),
+    set((string.ascii_lowercase + string.digits).encode()),
+    set((string.ascii_letters + string.digits + "+/-_=").encode()),  # base64, base64url
+    set(string.printable.encode()),
+]
+
+
+def secret_bits(secret: bytes) -> float:
+    """An upper estimate of a secret's entropy: its length times the bits per symbol of
+    the smallest usual alphabet holding all its symbols (decimal, hex, lower-case
+    alphanumerics, base64, printable ASCII, bytes). It cannot see a dictionary word, but
+    it catches the short and the hand-typed: 32 hex digits are 128 bits, 16 letters 75."""
+    used = set(secret)
+    size = next((len(c) for c in _CLASSES if used <= c), 256)
+    return len(secret) * math.log2(size)
+
+
+def weak_secret(secret: bytes) -> str | None:
+    """Why ``secret`` is too weak to stand for a VM's identity, or ``None``."""
+    bits = secret_bits(secret)
+    if bits < MIN_SECRET_BITS:
+        return (
+            f"carries about {bits:.0f} bits, under the {MIN_SECRET_BITS} bits required "
+            "(use 32 or more random hex digits: openssl rand -hex 16)"
+        )
+    if len(set(secret)) < MIN_SECRET_SYMBOLS:
+        return (
+            f"uses {len(set(secret))} distinct symbols: not {MIN_SECRET_BITS} bits of entropy "
+            "(use random hex digits: openssl rand -hex 16)"
+        )
+    return None
 
 
 class TcpTransport(Transport):
@@ -90,15 +145,16 @@ class TcpTransport(Transport):
             raise ChannelError(f"tcp secret file {path}: {exc.strerror or exc}") from exc
         if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise ChannelError(f"tcp secret file {path} is accessible to group or others (chmod 600 it)")
-        if len(data) < MIN_SECRET_BYTES:
-            raise ChannelError(f"tcp secret file {path} holds fewer than {MIN_SECRET_BYTES} bytes")
+        problem = weak_secret(data)
+        if problem is not None:
+            raise ChannelError(f"tcp secret file {path}: the secret {problem}")
         return data
 
     async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         secret = self.secret()
         try:
             reader, writer = await asyncio.open_connection(
-                self.options.address, self.options.port, limit=_RAW_LIMIT
+                self.options.address, self.options.port, limit=_HANDSHAKE_LIMIT
             )
         except OSError as exc:
             raise ChannelError(f"cannot connect to {self.describe()}: {exc.strerror or exc}") from exc
@@ -113,18 +169,46 @@ class TcpTransport(Transport):
 
     async def serve(self, handler: ConnectionHandler) -> None:
         secret = self.secret()
+        pending = 0
+        failures: deque[float] = deque()
+        locked_logged = False
+
+        def locked_out() -> bool:
+            now = time.monotonic()
+            while failures and now - failures[0] > 60:
+                failures.popleft()
+            return len(failures) >= HANDSHAKE_FAILURES_PER_MINUTE
 
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal pending, locked_logged
             peer = writer.get_extra_info("peername")
             where = f"tcp:{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "tcp"
+            if locked_out() or pending >= MAX_PENDING_HANDSHAKES:
+                # Closed before a byte is read: it costs this port a descriptor for an
+                # instant, and the log a line per lockout, not per connection.
+                if failures and not locked_logged and locked_out():
+                    locked_logged = True
+                    log.warning(
+                        "%s: %d failed handshakes within a minute: refusing connections for a while",
+                        self.describe(),
+                        len(failures),
+                    )
+                writer.transport.abort()
+                return
+            locked_logged = False
+            pending += 1
             try:
                 key = await asyncio.wait_for(
                     host_handshake(reader, writer, secret), self.options.handshake_timeout
                 )
             except _HANDSHAKE_ERRORS as exc:
-                log.warning("%s on %s: refused: %s", where, self.describe(), exc or type(exc).__name__)
-                writer.close()
+                failures.append(time.monotonic())
+                if len(failures) <= 2:  # the first of a burst; the lockout says the rest
+                    log.warning("%s on %s: refused: %s", where, self.describe(), exc or type(exc).__name__)
+                writer.transport.abort()
                 return
+            finally:
+                pending -= 1
             app_reader, app_writer = wrap(reader, writer, key, send=b"h", recv=b"g")
             try:
                 await handler(app_reader, app_writer, where)
@@ -133,7 +217,7 @@ class TcpTransport(Transport):
 
         try:
             server = await asyncio.start_server(
-                on_connect, self.options.address, self.options.port, limit=_RAW_LIMIT
+                on_connect, self.options.address, self.options.port, limit=_HANDSHAKE_LIMIT
             )
         except OSError as exc:
             raise ChannelError(f"cannot listen on {self.describe()}: {exc.strerror or exc}") from exc
@@ -213,6 +297,20 @@ class _MacTransport(asyncio.Transport):
         self.buffer = b""
         #: The task checking incoming lines; kept here so it lives as long as the stream.
         self.pump: asyncio.Task[None] | None = None
+        #: Cleared by the protocol reader when its buffer is full (``pause_reading``):
+        #: the pump then stops reading the socket, so a peer whose lines are not being
+        #: consumed is held back by TCP itself (read-side flow control).
+        self.readable = asyncio.Event()
+        self.readable.set()
+
+    def pause_reading(self) -> None:
+        self.readable.clear()
+
+    def resume_reading(self) -> None:
+        self.readable.set()
+
+    def is_reading(self) -> bool:
+        return self.readable.is_set()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.buffer += bytes(data)
@@ -275,26 +373,42 @@ def wrap(
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=MAX_LINE_BYTES)
     transport = _MacTransport(raw_writer, key, send)
+    # The reader pauses this transport when it holds more than twice its limit.
+    reader.set_transport(transport)
     writer = asyncio.StreamWriter(transport, _RawFlow(raw_writer), reader, loop)
 
     async def pump() -> None:
+        # Framed lines are split here rather than with the raw reader's readuntil, so
+        # that the raw stream keeps the handshake's small buffer: a connection holds at
+        # most one partial framed line (bounded) plus the protocol reader's buffer.
         counter = 0
+        pending = bytearray()
+        scanned = 0
         try:
             while True:
-                try:
-                    framed = await raw_reader.readuntil(b"\n")
-                except asyncio.IncompleteReadError:
+                await transport.readable.wait()
+                chunk = await raw_reader.read(1 << 16)
+                if not chunk:
                     break
-                mac, _, line = framed.rstrip(b"\n").partition(b" ")
-                want = _mac(key, recv, counter.to_bytes(8, "big"), line).hex().encode()
-                if not hmac.compare_digest(mac, want):
-                    log.error(
-                        "tcp: line %d fails its MAC (injected, replayed or reordered): closing", counter
-                    )
-                    break
-                counter += 1
-                reader.feed_data(line + b"\n")
-        except (OSError, ConnectionError, asyncio.LimitOverrunError) as exc:
+                pending += chunk
+                while (nl := pending.find(b"\n", scanned)) >= 0:
+                    framed = bytes(pending[:nl])
+                    del pending[: nl + 1]
+                    scanned = 0
+                    mac, _, line = framed.partition(b" ")
+                    want = _mac(key, recv, counter.to_bytes(8, "big"), line).hex().encode()
+                    if not hmac.compare_digest(mac, want):
+                        log.error(
+                            "tcp: line %d fails its MAC (injected, replayed or reordered): closing", counter
+                        )
+                        return
+                    counter += 1
+                    reader.feed_data(line + b"\n")
+                scanned = len(pending)
+                if scanned > _RAW_LIMIT:
+                    log.error("tcp: a line of more than %d bytes: closing", _RAW_LIMIT)
+                    return
+        except (OSError, ConnectionError) as exc:
             log.info("tcp: connection ended: %s", exc or type(exc).__name__)
         finally:
             reader.feed_eof()
