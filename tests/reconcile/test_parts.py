@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.agent.conftest import LoopFs
+from vmreclaim.agent import linux
 from vmreclaim.agent.filesystems import WatchedFs
 from vmreclaim.agent.reconcile import free_space_of, reconcile_disk
 from vmreclaim.core import freespace
@@ -71,6 +72,14 @@ def test_whole_free_space_in_disk_bytes(loopfs: Callable[..., LoopFs], fstype: s
     assert free.contains(gone), "the deleted file's blocks are free (through the partition offset)"
     assert not free.intersect(keep), "a live file's blocks are never reported"
     assert free == fs.free()
+    # The whole-filesystem batch and a tiny one (many resumed calls) agree.
+    fd = os.open(fs.mount, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        dev = os.fstat(fd).st_dev
+        tiny = linux.free_space(fd, dev, 0, 2**62, batch=3)
+        assert tiny == linux.free_space(fd, dev, 0, 2**62, batch=linux.FSMAP_WHOLE_BATCH) and len(tiny) > 3
+    finally:
+        os.close(fd)
     assert report.mounts == [str(fs.mount)] and not report.encoded.partial
     # The partition starts at sector 2049: the unit falls to 512 and nothing is lost.
     assert report.encoded.chunks[0].unit == 512

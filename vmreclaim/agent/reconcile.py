@@ -22,6 +22,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from vmreclaim.agent import linux
 from vmreclaim.agent.filesystems import WatchedFs, verify
 from vmreclaim.core import freespace
 from vmreclaim.core.freespace import FreeSpace, Reconcile
@@ -54,7 +55,7 @@ def free_space_of(fss: list[WatchedFs], pipeline: Pipeline, *, frozen: bool = Fa
         if fs.mode != "getfsmap" or fs.diskmap is None or fs.size <= 0:
             continue
         whole = RangeSet([0], [fs.size])
-        found = verify(fs, whole, pipeline, frozen=frozen).found
+        found = verify(fs, whole, pipeline, frozen=frozen, batch=linux.FSMAP_WHOLE_BATCH).found
         out = out.union(fs.diskmap.to_disk(found.clip(ByteRange(0, fs.size))))
     return out
 
