@@ -33,7 +33,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from vmreclaim.testing.guest import MODES, ScenarioResult, build_kit, run_scenario, system_libvirtd
+from guest_scenario import MODES, ScenarioResult, run_scenario
+
+from vmreclaim.testing.guest import build_kit, system_libvirtd
 
 MiB = 1024 * 1024
 

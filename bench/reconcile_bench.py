@@ -48,7 +48,7 @@ BLOCK = 4096
 #: Run in a fresh interpreter: the agent's time and memory without this script's.
 AGENT = r"""
 import json, os, resource, sys, time
-from vmreclaim.agent.filesystems import WatchedFs
+from vmreclaim.agent.watched import WatchedFs
 from vmreclaim.agent.reconcile import reconcile_disk
 from vmreclaim.core import protocol as p
 from vmreclaim.core.config import FilesystemEntry

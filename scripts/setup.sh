@@ -13,9 +13,10 @@ SUDO=""
 
 PACKAGES="
   qemu-utils qemu-system-x86 qemu-block-extra
-  e2fsprogs xfsprogs btrfs-progs dosfstools ntfs-3g lvm2 fdisk util-linux kmod
+  e2fsprogs xfsprogs btrfs-progs dosfstools mtools ntfs-3g lvm2 fdisk util-linux kmod
   fuse3 busybox-static cpio linux-image-amd64
   libvirt-daemon-system libvirt-dev pkg-config gcc python3-dev
+  ceph-mon ceph-mgr ceph-osd ceph-common python3-rbd python3-rados
 "
 if [ "${1:-}" = "--bench" ]; then
   PACKAGES="$PACKAGES libguestfs-tools hyperfine"

@@ -89,7 +89,7 @@ def test_rename_over_a_file_reports_the_replaced_file(
 def test_fsmap_driver_contract(tmp_path: Path, loopfs: Callable[..., LoopFs]) -> None:
     """The driver alone against a real target: candidates are what was not free at the
     last settle; a write event forgets what is allocated now."""
-    from vmreclaim.agent.filesystems import WatchedFs
+    from vmreclaim.agent.watched import WatchedFs
     from vmreclaim.core.captures import FsEvent, FsEventKind
     from vmreclaim.core.config import FilesystemEntry
 

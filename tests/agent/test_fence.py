@@ -26,7 +26,7 @@ import pytest
 from tests.agent.conftest import LoopFs, MiB, agent_config, write_file
 from tests.agent.peer import AgentProcess, Conn, HostPeer, running_agent
 from vmreclaim.agent.fence import FenceKeeper, FenceState
-from vmreclaim.agent.filesystems import WatchedFs
+from vmreclaim.agent.watched import WatchedFs
 from vmreclaim.core import protocol as p
 from vmreclaim.core.config import FilesystemEntry
 from vmreclaim.core.ranges import RangeSet

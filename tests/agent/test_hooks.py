@@ -8,7 +8,7 @@ import pytest
 
 from tests.agent.conftest import LoopFs, MiB, write_file
 from vmreclaim import hookimpl
-from vmreclaim.agent.filesystems import WatchedFs, verify
+from vmreclaim.agent.watched import WatchedFs, verify
 from vmreclaim.core.config import FilesystemEntry
 from vmreclaim.core.pipeline import Pipeline
 from vmreclaim.core.plugins import Plugins

@@ -39,8 +39,8 @@ def test_ioctl_numbers_match_the_struct_sizes() -> None:
 @pytest.mark.parametrize("fstype", ["ext4", "xfs"])
 def test_getfsmap_keys_carry_the_device(loopfs: Callable[..., LoopFs], fstype: str) -> None:
     """With the filesystem's dev_t in the keys the kernel answers for the window only;
-    with another device number it silently answers for the whole filesystem (specs.md
-    4.2) — which is why the agent always passes st_dev and clips what comes back."""
+    with another device number it silently answers for the whole filesystem (docs/agent.md,
+    "Verify") — which is why the agent always passes st_dev and clips what comes back."""
     fs = loopfs(fstype)
     fd = os.open(fs.mount, os.O_RDONLY | os.O_DIRECTORY)
     try:

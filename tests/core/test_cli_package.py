@@ -117,3 +117,23 @@ def test_a_broken_hook_plugin_does_not_take_down_the_cli(
     monkeypatch.setattr(Plugins, "__init__", broken)
     assert main(["plugins", "--json"]) == 0
     assert "formats" in json.loads(capsys.readouterr().out)
+
+
+def test_plugins_lists_a_broken_hook_plugin_with_its_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.metadata
+
+    real = importlib.metadata.entry_points
+    broken = importlib.metadata.EntryPoint("broken-audit", "vmreclaim_no_such_module_xyz", "vmreclaim.hooks")
+
+    def entry_points(**kwargs: str) -> object:
+        found = real(**kwargs)
+        return [*found, broken] if kwargs.get("group") == "vmreclaim.hooks" else found
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    assert main(["plugins", "--json"]) == 0
+    hooks = {h["name"]: h for h in json.loads(capsys.readouterr().out)["hooks"]}
+    assert hooks["broken-audit"]["hooks"] == []
+    assert "vmreclaim_no_such_module_xyz" in hooks["broken-audit"]["error"]
+    assert hooks["libvirt"]["error"] is None

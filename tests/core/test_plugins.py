@@ -56,7 +56,7 @@ def test_unknown_driver_names_the_installed_ones() -> None:
 def test_plugins_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plugins", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert set(doc) == set(loader.KINDS)
+    assert set(doc) == {*loader.KINDS, "hooks"}  # drivers per kind, then hook plugins
     raw = next(d for d in doc["formats"] if d["name"] == "raw")
     assert raw["distribution"] == "vmreclaim" and raw["error"] is None
 
@@ -358,3 +358,30 @@ def test_a_filesystem_driver_that_fails_to_import_refuses_sparsify(
     assert proc.returncode == 2, (module, proc.stdout, proc.stderr)
     assert "filesystems driver" in proc.stderr and f"planted: {module}" in proc.stderr, proc.stderr
     assert _state(ext) == before
+
+
+@pytest.mark.slow
+def test_third_party_hook_plugin_is_listed_with_its_hooks(plugin_venv: Path) -> None:
+    proc = run_in(plugin_venv, "plugins", "--json")
+    assert proc.returncode == 0, proc.stderr
+    hooks = {h["name"]: h for h in json.loads(proc.stdout)["hooks"]}
+    audit = hooks["example-audit"]
+    assert audit["distribution"] == "vmreclaim-example-plugin" and audit["error"] is None
+    assert audit["hooks"] == ["vmreclaim_decide_veto", "vmreclaim_translate_filter", "vmreclaim_reclaim_done"]
+    assert hooks["libvirt"]["hooks"] == ["vmreclaim_cli_add_commands"]
+    text = run_in(plugin_venv, "plugins", env={"COLUMNS": "200"}).stdout
+    assert "vmreclaim hook plugins" in text and "example-audit" in text
+
+
+@pytest.mark.slow
+def test_third_party_driver_passes_the_contract_from_vmreclaim_testing(plugin_venv: Path) -> None:
+    """The example plugin runs vmreclaim.testing's PolicyContract against its own driver."""
+    proc = subprocess.run(
+        [plugin_venv / "bin" / "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
+        cwd=EXAMPLE,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"\b6 passed, 1 skipped\b", proc.stdout), proc.stdout

@@ -38,6 +38,9 @@ def test_punch_frees_blocks_and_keeps_other_bytes(
 ) -> None:
     img = raw_image(16 * MIB, [(0, 16 * MIB)])
     before = img.read_bytes()
+    # Measured, not assumed to be the file's length: a file written on a busy host
+    # filesystem may be fragmented enough to hold an extent-tree block too.
+    held_before = allocated(img)
     code, doc = cli(
         capsys,
         "image",
@@ -59,7 +62,7 @@ def test_punch_frees_blocks_and_keeps_other_bytes(
     assert doc["requested_bytes"] == 3 * MIB
     assert doc["punched_bytes"] == 2 * MIB + (tail - head)
     assert doc["freed_bytes"] == doc["punched_bytes"]
-    assert doc["freed_bytes"] == len(before) - allocated(img)
+    assert doc["freed_bytes"] == held_before - allocated(img)
     assert sum(s["length"] for s in doc["skipped"]) == doc["requested_bytes"] - doc["punched_bytes"]
     assert {s["reason"] for s in doc["skipped"]} == {"partial-block"}
     assert after[MIB : 3 * MIB] == bytes(2 * MIB)

@@ -105,25 +105,38 @@ def test_refcount_block_on_the_header_is_an_overlap(qcow2: Path, capsys: Any) ->
     h = header(qcow2)
     put(qcow2, h.refcount_table_offset + 8, ">Q", 0)
     put(qcow2, h.refcount_table_offset, ">Q", 65536 * 0)  # block 0 now "absent": refcounts 0
-    code, doc, err = cli(capsys, "image", "reclaim", str(qcow2), "--range", "0:65536", "--json")
-    # Without refcounts nothing is provably the guest's alone: skipped as shared, not punched.
-    assert code == 0, err
-    assert doc["punched_bytes"] == 0 and doc["skipped"][0]["reason"] == "shared"
+    before = qcow2.read_bytes()
+    assert _qemu_errors(qcow2) > 0
+    code, _, err = cli(capsys, "image", "reclaim", str(qcow2), "--range", "0:65536", "--json")
+    # Every cluster in use has refcount 0 now: `qemu-img check` errors, so refused.
+    assert code == 4 and "refcount 0 but 1 reference" in err, err
+    assert qcow2.read_bytes() == before
 
 
 def test_two_guest_clusters_on_one_host_cluster_are_never_punched(qcow2: Path, capsys: Any) -> None:
     """A hostile L2 table names the same host cluster twice with COPIED set and the
     refcount left at 1: only the census of references catches it."""
     with open_image(qcow2) as image:
-        l2 = int(image._l1[0]) & 0x00FFFFFFFFFFFE00  # type: ignore[attr-defined]
+        l2 = int(image.l1_tables()[0][1][0]) & 0x00FFFFFFFFFFFE00  # type: ignore[attr-defined]
     with open(qcow2, "r+b") as f:
         f.seek(l2)
         first = f.read(8)
         f.seek(l2 + 8 * 20)
         f.write(first)  # guest cluster 20 now aliases guest cluster 0
-    code, doc, err = cli(capsys, "image", "reclaim", str(qcow2), "--range", "0:65536", "--json")
-    assert code == 0, err
-    assert doc["punched_bytes"] == 0 and doc["skipped"] == [{"start": 0, "length": 65536, "reason": "shared"}]
+    before = qcow2.read_bytes()
+    assert _qemu_errors(qcow2) > 0
+    code, _, err = cli(capsys, "image", "reclaim", str(qcow2), "--range", "0:65536", "--json")
+    assert code == 4 and "has refcount 1 but 2 reference(s)" in err, err
+    assert qcow2.read_bytes() == before
+
+
+def _qemu_errors(path: Path) -> int:
+    """Errors (corruptions and check errors) that ``qemu-img check`` counts."""
+    import json
+
+    proc = sh("qemu-img", "check", "-f", "qcow2", "--output=json", path, check=False)
+    doc = json.loads(proc.stdout or "{}")
+    return int(doc.get("corruptions", 0)) + int(doc.get("check-errors", 0))
 
 
 def test_backing_chain_loop_is_refused(tmp_path: Path, capsys: Any) -> None:

@@ -202,7 +202,7 @@ def test_data_mapped_onto_metadata_is_refused(tmp_path: Path, capsys: Any) -> No
     qemu_io(img, "write -P 1 0 64k")
     with open_image(img) as image:
         l1_offset = image.header.l1_offset  # type: ignore[attr-defined]
-        l2_offset = int(image._l1[0]) & 0x00FFFFFFFFFFFE00  # type: ignore[attr-defined]
+        l2_offset = int(image.l1_tables()[0][1][0]) & 0x00FFFFFFFFFFFE00  # type: ignore[attr-defined]
     with open(img, "r+b") as f:
         f.seek(l2_offset)
         f.write(struct.pack(">Q", (1 << 63) | l1_offset))  # COPIED, host = the L1 table

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.guest_scenario import ScenarioResult, run_scenario
 from vmreclaim.testing import have_tool, run
-from vmreclaim.testing.guest import GuestKit, ScenarioResult, run_scenario, system_libvirtd
+from vmreclaim.testing.guest import GuestKit, system_libvirtd
 
 pytestmark = [pytest.mark.guest, pytest.mark.root, pytest.mark.qemu, pytest.mark.slow]
 

@@ -7,10 +7,13 @@ import asyncio
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hosttest import MiB, Site, allocated, eventually, running
 
+from vmreclaim.core import loader
+from vmreclaim.core.filesystems import FreeSpace
 from vmreclaim.core.ranges import RangeSet
 from vmreclaim.testing import qemu_io_holding, require_tool, run
 from vmreclaim.testing.linux import loop_device
@@ -155,3 +158,55 @@ def test_an_image_on_a_loop_device_is_not_punched_offline(site: Site, tmp_path: 
 
     asyncio.run(main())
     subprocess.run(["e2fsck", "-fn", str(image)], check=True, capture_output=True)
+
+
+class LyingReader:
+    """A filesystem driver with a bug: the real ext reader, plus one free block past the
+    end of its volume (a hostile or broken third-party driver can say anything)."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def free_space(self, volume: Any, detection: Any, progress: Any = None) -> FreeSpace:
+        space: FreeSpace = self._real.free_space(volume, detection, progress)
+        beyond = RangeSet([volume.length], [volume.length + BLOCK])
+        return FreeSpace(space.free.union(beyond), space.block_size, space.size)
+
+
+def test_offline_mode_refuses_a_filesystem_driver_that_reports_free_bytes_past_its_volume(
+    site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The host's offline mode reads free space with the same scan as `image sparsify`,
+    # so it refuses what sparsify refuses: a driver answer outside the volume stops the
+    # attempt with nothing punched, even for ranges the answer would also cover.
+    image = ext4_image(tmp_path, {"gone": 1_000_000})
+    gone = file_ranges(image, "gone")
+    delete(image, "gone")
+    real_load_all = loader.load_all
+
+    def load_all(kind: str, base: Any) -> Any:
+        drivers = real_load_all(kind, base)
+        if kind == "filesystems":
+            drivers = {name: LyingReader(d) if name == "ext" else d for name, d in drivers.items()}
+        return drivers
+
+    monkeypatch.setattr(loader, "load_all", load_all)
+    channel = site.add_vm("vm1", [{"id": "disk0", "path": image, "format": "raw"}])
+    config = site.config(reclaim={"tick_seconds": 0.1, "retry_max_seconds": 60})
+    before = allocated(image)
+
+    async def main() -> None:
+        async with running(config) as daemon:
+            await send_once(channel, pairs(gone))
+            rt = daemon.disks["vm1/disk0"]
+            await eventually(lambda: rt.last_attempt is not None and not rt.busy)
+            attempt = rt.last_attempt
+            assert attempt is not None and attempt.mode == "offline" and attempt.outcome == "failed"
+            assert "free bytes past the end of the volume" in attempt.detail
+            assert rt.pending.exact() == gone and rt.totals.punched_bytes == 0
+
+    asyncio.run(main())
+    assert allocated(image) == before

@@ -105,7 +105,7 @@ def test_json_logs_and_a_second_daemon_on_the_same_socket(
     tmp_path: Path, host_daemon: Callable[..., HostProcess]
 ) -> None:
     image = make_raw_image(tmp_path / "vm1.raw", MiB, [(0, MiB)])
-    vms = [static_vm("vm1", tmp_path / "vm1.sock", [{"id": "disk0", "path": image}])]
+    vms = [static_vm("vm1", tmp_path / "vm1.sock", [{"id": "disk0", "path": image, "format": "raw"}])]
     first = host_daemon(vms, log_format="json", log_level="debug")
     config = host_config(
         tmp_path / "second.yaml", vms, database=tmp_path / "other.sqlite", status_socket=first.status_socket

@@ -1,5 +1,5 @@
-"""One contract, every hypervisor driver (STYLE.md rule 17): what the host daemon
-relies on holds for static, libvirt, qemu and xen alike, each against its real backend
+"""One contract (vmreclaim.testing.HypervisorContract), every hypervisor driver
+(STYLE.md rule 17): static, libvirt, qemu and xen, each against its real backend
 (libvirt's test driver, a real QEMU, the XAPI simulator for Xen)."""
 
 from __future__ import annotations
@@ -8,15 +8,13 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from vmreclaim.core import loader
 from vmreclaim.core.config import HostConfig, load_config
-from vmreclaim.core.hypervisors import Hypervisor, VMInfo
-from vmreclaim.core.model import VMIdentity
-from vmreclaim.testing import require_tool, run
+from vmreclaim.core.hypervisors import Hypervisor
+from vmreclaim.testing import HypervisorContract, require_tool, run
 
 from .test_qemu import stop, wait_for_socket
 
@@ -105,53 +103,41 @@ def _xen(tmp_path: Path) -> Iterator[Hypervisor]:
     sim.stop()
 
 
-FACTORIES = {"static": _static, "libvirt": _libvirt, "qemu": _qemu, "xen": _xen}
-MARKS = {"libvirt": [pytest.mark.kvm], "qemu": [pytest.mark.qemu], "xen": [pytest.mark.xen]}
+class TestStatic(HypervisorContract):
+    driver = "static"
+
+    @pytest.fixture
+    def hypervisor(self, tmp_path: Path) -> Iterator[Hypervisor]:
+        yield from _static(tmp_path)
 
 
-@pytest.fixture(params=[pytest.param(n, marks=MARKS.get(n, [])) for n in FACTORIES])
-def hypervisor(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Hypervisor]:
-    yield from FACTORIES[request.param](tmp_path)
+@pytest.mark.kvm
+class TestLibvirt(HypervisorContract):
+    driver = "libvirt"
+
+    @pytest.fixture
+    def hypervisor(self, tmp_path: Path) -> Iterator[Hypervisor]:
+        yield from _libvirt(tmp_path)
 
 
-def test_driver_is_a_registered_hypervisor(hypervisor: Hypervisor) -> None:
-    installed = {d.name: d for d in loader.installed("hypervisors")}
-    name = next(n for n, d in installed.items() if d.target.endswith(type(hypervisor).__name__))
-    assert installed[name].error is None
-    assert loader.driver_class("hypervisors", name) is type(hypervisor)
+@pytest.mark.qemu
+class TestQemu(HypervisorContract):
+    driver = "qemu"
+
+    @pytest.fixture
+    def hypervisor(self, tmp_path: Path) -> Iterator[Hypervisor]:
+        yield from _qemu(tmp_path)
 
 
-def test_vms_describe_disks_of_their_own(hypervisor: Hypervisor) -> None:
-    infos = hypervisor.vms()
-    assert infos and all(isinstance(i, VMInfo) for i in infos)
-    for info in infos:
-        ids = [d.id for d in info.disks]
-        assert len(ids) == len(set(ids)), f"disk ids of {info.identity} repeat: {ids}"
-        for disk in info.disks:
-            assert disk.vm == info.identity.name
-            assert disk.path.is_absolute()
-            assert disk.format and disk.format != "vpc"  # QEMU's name for VHD is mapped
-            assert isinstance(hypervisor.block_jobs(info.identity, disk), list)
+@pytest.mark.xen
+class TestXen(HypervisorContract):
+    driver = "xen"
+
+    @pytest.fixture
+    def hypervisor(self, tmp_path: Path) -> Iterator[Hypervisor]:
+        yield from _xen(tmp_path)
 
 
-def test_refresh_is_consistent_with_vms(hypervisor: Hypervisor) -> None:
-    for info in hypervisor.vms():
-        again = hypervisor.refresh(info.identity)
-        assert again is not None
-        assert again.identity.name == info.identity.name
-        assert [d.id for d in again.disks] == [d.id for d in info.disks]
-    assert hypervisor.refresh(VMIdentity("no-such-vm-anywhere")) is None
-
-
-def test_capabilities_are_honest(hypervisor: Hypervisor) -> None:
-    caps = type(hypervisor).capabilities
-    got: list[Any] = []
-    if caps.events:
-        hypervisor.watch(got.append)  # must start without error
-    if not caps.discard:
-        from vmreclaim.core.errors import HypervisorError
-        from vmreclaim.core.ranges import RangeSet
-
-        info = hypervisor.vms()[0]
-        with pytest.raises(HypervisorError):
-            hypervisor.discard(info.identity, info.disks[0], RangeSet.from_ranges([(0, 4096)]))
+def test_every_builtin_hypervisor_is_under_contract() -> None:
+    builtin = {d.name for d in loader.installed("hypervisors") if d.distribution == "vmreclaim"}
+    assert {cls.driver for cls in HypervisorContract.__subclasses__()} == builtin

@@ -22,11 +22,8 @@ from vmreclaim.core.errors import HypervisorError
 from vmreclaim.core.hypervisors import VMEvent
 from vmreclaim.core.model import VMIdentity
 from vmreclaim.core.ranges import RangeSet
-from vmreclaim.plugins.hypervisors.qemu import (
-    QemuHypervisor,
-    QemuOptions,
-    _discard_from_cmdline,
-)
+from vmreclaim.plugins.hypervisors.qemu import QemuHypervisor, QemuOptions
+from vmreclaim.plugins.hypervisors.qemu_qmp import discard_from_cmdline
 from vmreclaim.testing import require_root, require_tool, run
 from vmreclaim.testing.guest import allocated_bytes
 
@@ -376,7 +373,7 @@ def test_watch_reports_start_and_stop(qemu_vm: Callable[[], Any], tmp_path: Path
 def test_discard_mode_from_the_command_line(
     argv: list[str], drive: str, chain: list[str], expected: bool
 ) -> None:
-    assert _discard_from_cmdline(["qemu-system-x86_64", *argv], drive, chain) is expected
+    assert discard_from_cmdline(["qemu-system-x86_64", *argv], drive, chain) is expected
 
 
 def test_channel_transport_follows_who_listens(tmp_path: Path) -> None:

@@ -15,8 +15,8 @@ import pytest
 
 from tests.agent.conftest import LoopFs
 from vmreclaim.agent import linux
-from vmreclaim.agent.filesystems import WatchedFs
 from vmreclaim.agent.reconcile import free_space_of, reconcile_disk
+from vmreclaim.agent.watched import WatchedFs
 from vmreclaim.core import freespace
 from vmreclaim.core.config import FilesystemEntry
 from vmreclaim.core.image import open_image

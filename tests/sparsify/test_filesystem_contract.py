@@ -1,66 +1,43 @@
-"""The contract every ``vmreclaim.filesystems`` driver keeps, run against each installed one."""
+"""The filesystem-reader contract (vmreclaim.testing.FilesystemContract) for every
+built-in ``vmreclaim.filesystems`` driver."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
-import pytest
-
 from vmreclaim.core import loader
-from vmreclaim.core.errors import VMReclaimError
-from vmreclaim.core.filesystems import FilesystemReader
-from vmreclaim.core.image import open_image
-from vmreclaim.core.volumes import Volume
+from vmreclaim.testing import FilesystemContract
 
-DRIVERS = sorted(d.name for d in loader.installed("filesystems"))
+BUILTIN = {"ext", "xfs", "btrfs", "ntfs", "vfat", "swap", "luks"}
 
 
-def reader(name: str) -> FilesystemReader:
-    return loader.load_driver("filesystems", name, FilesystemReader)
-
-
-def whole(path: Path) -> Volume:
-    image = open_image(path, "raw")
-    return Volume(image, 0, image.virtual_size)
-
-
-def test_builtin_drivers_are_installed() -> None:
-    assert {"ext", "xfs", "btrfs", "ntfs", "vfat", "swap", "luks"} <= set(DRIVERS)
+def test_every_builtin_driver_is_under_contract() -> None:
+    assert {d.name for d in loader.installed("filesystems") if d.distribution == "vmreclaim"} == BUILTIN
     assert all(d.error is None for d in loader.installed("filesystems"))
+    assert {cls.driver for cls in FilesystemContract.__subclasses__()} == BUILTIN
 
 
-@pytest.mark.parametrize("name", DRIVERS)
-def test_capabilities_are_consistent(name: str) -> None:
-    cls = loader.driver_class("filesystems", name)
-    assert issubclass(cls, FilesystemReader)
-    if not cls.capabilities.free_space:
-        assert cls.skip_reason, f"{name}: a detect-only driver must say why it skips"
+class TestExt(FilesystemContract):
+    driver = "ext"
 
 
-@pytest.mark.parametrize("size", [0, 100, 4096, 1 << 20])
-@pytest.mark.parametrize("name", DRIVERS)
-def test_zeros_and_tiny_volumes_are_not_claimed(tmp_path: Path, name: str, size: int) -> None:
-    img = tmp_path / "zero.img"
-    with open(img, "wb") as f:
-        f.truncate(size)
-    volume = whole(img)
-    try:
-        assert reader(name).probe(volume) is None
-    finally:
-        volume.image.close()
+class TestXfs(FilesystemContract):
+    driver = "xfs"
 
 
-@pytest.mark.parametrize("name", DRIVERS)
-def test_random_bytes_never_crash_a_probe(tmp_path: Path, name: str) -> None:
-    rng = np.random.default_rng(sum(name.encode()))
-    for i in range(20):
-        img = tmp_path / f"r{i}.img"
-        img.write_bytes(rng.integers(0, 256, size=256 * 1024, dtype=np.uint8).tobytes())
-        volume = whole(img)
-        try:
-            reader(name).probe(volume)  # a Detection or None; never a traceback
-        except VMReclaimError:
-            pass
-        finally:
-            volume.image.close()
+class TestBtrfs(FilesystemContract):
+    driver = "btrfs"
+
+
+class TestNtfs(FilesystemContract):
+    driver = "ntfs"
+
+
+class TestVfat(FilesystemContract):
+    driver = "vfat"
+
+
+class TestSwap(FilesystemContract):
+    driver = "swap"
+
+
+class TestLuks(FilesystemContract):
+    driver = "luks"

@@ -36,7 +36,7 @@ MAX_DEPTH = 16
 class _TopologyError(Exception):
     """The device stack under a filesystem cannot be translated to one virtual disk.
 
-    Private to the agent: :mod:`vmreclaim.agent.filesystems` turns it into an
+    Private to the agent: :mod:`vmreclaim.agent.watched` turns it into an
     :class:`~vmreclaim.core.errors.AgentSetupError` (no mount) or into the
     ``fitrim-only`` mode (a device that maps to no single disk); it never leaves the agent.
     """

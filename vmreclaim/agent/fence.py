@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vmreclaim.agent import linux
-from vmreclaim.agent.filesystems import WatchedFs
+from vmreclaim.agent.watched import WatchedFs
 from vmreclaim.core.errors import FenceError
 
 log = logging.getLogger("vmreclaim.agent")

@@ -2,7 +2,7 @@
 
 Both are non-blocking descriptors the agent's event loop watches; :meth:`read` drains
 what is queued and returns :class:`~vmreclaim.core.captures.FsEvent` objects. Events
-are triggers (specs.md 5.3): nothing here is trusted to say which blocks are free.
+are triggers (docs/agent.md, "Capture"): nothing here is trusted to say which blocks are free.
 
 * **fanotify** (``FAN_MARK_FILESYSTEM``, needs ``CAP_SYS_ADMIN``): one mark sees the
   whole filesystem, including directories created later. Directory-entry events need a

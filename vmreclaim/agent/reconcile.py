@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 
 from vmreclaim.agent import linux
-from vmreclaim.agent.filesystems import WatchedFs, verify
+from vmreclaim.agent.watched import WatchedFs, verify
 from vmreclaim.core import freespace
 from vmreclaim.core.freespace import FreeSpace, Reconcile
 from vmreclaim.core.pipeline import Pipeline

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from vmreclaim.agent import linux
-from vmreclaim.agent.filesystems import WatchedFs, verify
 from vmreclaim.agent.notify import MAX_EVENTS, EventSource, open_source
+from vmreclaim.agent.watched import WatchedFs, verify
 from vmreclaim.core.captures import Capture, CaptureOptions, FsEvent, FsEventKind
 from vmreclaim.core.errors import AgentSetupError
 from vmreclaim.core.pipeline import Pipeline

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from vmreclaim.cli import output
 from vmreclaim.cli.ranges import requested_ranges
@@ -17,28 +18,45 @@ from vmreclaim.core.errors import RangeError
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     from vmreclaim.core import loader
+    from vmreclaim.core.plugins import installed_hook_plugins
 
     drivers = [d for kind in loader.KINDS for d in loader.installed(kind)]
+    hooks = installed_hook_plugins()
     if args.json:
-        output.emit_json(
+        doc: dict[str, list[dict[str, Any]]] = {
+            kind: [
+                {
+                    "name": d.name,
+                    "target": d.target,
+                    "distribution": d.distribution,
+                    "version": d.version,
+                    "error": d.error,
+                }
+                for d in drivers
+                if d.kind == kind
+            ]
+            for kind in loader.KINDS
+        }
+        doc["hooks"] = [
             {
-                kind: [
-                    {
-                        "name": d.name,
-                        "target": d.target,
-                        "distribution": d.distribution,
-                        "version": d.version,
-                        "error": d.error,
-                    }
-                    for d in drivers
-                    if d.kind == kind
-                ]
-                for kind in loader.KINDS
+                "name": h.name,
+                "target": h.target,
+                "distribution": h.distribution,
+                "version": h.version,
+                "hooks": list(h.hooks),
+                "error": h.error,
             }
-        )
+            for h in hooks
+        ]
+        output.emit_json(doc)
         return 0
     rows = [(d.kind, d.name, f"{d.distribution} {d.version}", d.target, d.error or "ok") for d in drivers]
     output.table("vmreclaim drivers", ("kind", "name", "package", "target", "status"), rows)
+    hook_rows = [
+        (h.name, f"{h.distribution} {h.version}", "\n".join(h.hooks) or "none", h.error or "ok")
+        for h in hooks
+    ]
+    output.table("vmreclaim hook plugins", ("name", "package", "hooks", "status"), hook_rows)
     return 0
 
 
@@ -137,7 +155,16 @@ def cmd_host(args: argparse.Namespace) -> int:
     from vmreclaim.core.config import HostConfig, load_config
     from vmreclaim.host.daemon import run_host
 
-    return run_host(load_config(args.config, HostConfig))
+    config = load_config(args.config, HostConfig)
+    if args.confirm_format:
+        from vmreclaim.host.formats import confirm_format, parse_confirmation
+
+        for text in args.confirm_format:
+            path, fmt = parse_confirmation(text)
+            old = confirm_format(config.database, path, fmt)
+            print(f"{path}: format {fmt} confirmed (was {old or 'not recorded'})")
+        return 0
+    return run_host(config)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -21,10 +21,8 @@ from vmreclaim.cli import output
 from vmreclaim.cli import reconcile as reconcile_commands
 from vmreclaim.cli.ranges import non_negative
 from vmreclaim.core.commands import COMMAND_DEST, CommandOutput
+from vmreclaim.core.driver import AUTO
 from vmreclaim.core.errors import VMReclaimError
-
-#: ``--format`` default and ``format:`` value: probe the installed format drivers.
-AUTO = "auto"
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -82,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("host", help="run the host daemon")
     p.add_argument("--config", type=Path, required=True)
+    p.add_argument(
+        "--confirm-format",
+        metavar="PATH=FORMAT",
+        action="append",
+        help="the daemon stopped: confirm that the image PATH is now FORMAT, then exit",
+    )
     p.set_defaults(func=cmd.cmd_host)
 
     p = sub.add_parser("agent", help="run the guest agent")

@@ -58,6 +58,7 @@ _REASONS = {
     "zero": "already reads as zeros (holes or zero clusters)",
     "unallocated": "not stored in this image (holes, or data of its backing file)",
     "partial-block": "shares a host block with data in use",
+    "hole": "stored in this image, but its host bytes are already a hole",
     "shared": "in clusters shared with a snapshot",
     "compressed": "in compressed clusters",
 }

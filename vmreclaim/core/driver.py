@@ -12,6 +12,10 @@ from __future__ import annotations
 from abc import ABC
 from typing import TYPE_CHECKING, Any, ClassVar
 
+#: The driver name that means "probe the installed drivers of this kind and take the
+#: one most sure" (``format: auto``, ``--format auto``, the default of both).
+AUTO = "auto"
+
 if TYPE_CHECKING:
     from vmreclaim.core.options import DriverOptions as DriverOptions
     from vmreclaim.core.options import NoOptions as NoOptions

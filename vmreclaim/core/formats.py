@@ -12,8 +12,11 @@ questions the rest of vmreclaim asks, and nothing else:
 * :meth:`Image.check_punchable` — whether the image's state allows punching at all
   (a dirty or corrupt qcow2, a VHD with saved state: no).
 
-Drivers never write. Punching, alignment, locking and measuring are the core's
-(:mod:`vmreclaim.core.reclaim`), the same for every format. Every offset and length a
+A driver never writes the image itself. Punching, alignment, locking and measuring are
+the core's (:mod:`vmreclaim.core.reclaim`), the same for every format. The one write a
+driver asks for is :meth:`Image.deep_discard` (capability ``deep_reclaim``, qcow2
+only, offline, after the core's punch): it hands the discards to QEMU's ``qemu-io`` so
+that QEMU, not vmreclaim, rewrites the format's tables. Every offset and length a
 driver reads from an image is untrusted: it goes through :class:`ImageFile`'s
 bounds-checked reads, and anything out of bounds is a :class:`CorruptImageError` that
 names the structure and the offset.
@@ -26,6 +29,7 @@ import os
 import stat
 import struct
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -36,7 +40,9 @@ import numpy.typing as npt
 from vmreclaim.core.driver import Driver
 from vmreclaim.core.errors import CorruptImageError, ImageError, UnsupportedImageError, UsageError
 from vmreclaim.core.extents import ExtentKind, ExtentMap
-from vmreclaim.core.punch import allocated_bytes
+from vmreclaim.core.lease import Lease
+from vmreclaim.core.locks import busy_reason, hold_for_writing
+from vmreclaim.core.punch import PunchResult, allocated_bytes, host_block_size, punch_holes
 from vmreclaim.core.ranges import ByteRange, RangeSet
 
 _BLKGETSIZE64 = 0x80081272
@@ -172,6 +178,37 @@ class ImageFile:
             return self.size
         return allocated_bytes(self.fd)
 
+    # -- writing: how this storage is locked and punched ------------------------------
+    # A local file or block device is locked with QEMU's OFD protocol and punched with
+    # fallocate. Storage that is not a local file (an RBD image: a format driver's own
+    # ImageFile subclass) overrides these five, and the core's write path stays one.
+
+    def busy_reason(self) -> str | None:
+        """Why another client forbids writing this storage now, or ``None``."""
+        return busy_reason(self.fd)
+
+    def hold_for_writing(self) -> AbstractContextManager[int]:
+        """Exclusive write access for a block: yields the descriptor punches go through,
+        or raises :class:`~vmreclaim.core.errors.ImageBusyError` with nothing written."""
+        return hold_for_writing(self.path)
+
+    def punch_block_size(self, fd: int) -> int:
+        """The unit a punch frees (the host filesystem's block)."""
+        return host_block_size(fd)
+
+    def punchable(self, ranges: RangeSet, block_size: int) -> RangeSet:
+        """The parts of host ``ranges`` a punch may be asked to free without touching a
+        byte outside them: whole ``block_size`` blocks."""
+        return ranges.align_inward(block_size)
+
+    def punch(self, fd: int, ranges: RangeSet, lease: Lease | None) -> PunchResult:
+        """Free ``ranges`` (from :meth:`punchable`) and measure what was freed."""
+        return punch_holes(fd, ranges, path=str(self.path), lease=lease)
+
+    def sync(self, fd: int) -> None:
+        """Make the punches durable."""
+        os.fsync(fd)
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -231,6 +268,13 @@ class FormatCapabilities:
     #: ``image reclaim --deep``: the driver can also release whole clusters in the
     #: image's own metadata (offline only) so the hypervisor reuses them.
     deep_reclaim: bool = False
+    #: Images of this driver are named, not files: ``NAME:...`` where ``NAME`` is the
+    #: driver's entry-point name (``rbd:pool/image``) is opened with
+    #: :meth:`ImageFormat.open_named`, as QEMU's protocol prefixes are.
+    named_images: bool = False
+    #: The driver can report the usage of the storage its images live in
+    #: (:meth:`ImageFormat.storage_usage`): a shared pool, not the host's disk.
+    storage_usage: bool = False
 
 
 class Image(ABC):
@@ -398,3 +442,12 @@ class ImageFormat(Driver):
         :class:`CorruptImageError` or :class:`UnsupportedImageError` with a message that
         names the structure and offset when the file cannot be handled.
         """
+
+    def open_named(self, name: str) -> Image:
+        """Open the image called ``name`` (capability ``named_images``)."""
+        raise UsageError(f"{name}: the {type(self).__name__} driver does not open images by name")
+
+    def storage_usage(self, name: str) -> tuple[int, int]:
+        """``(used_bytes, total_bytes)`` of the storage holding image ``name``
+        (capability ``storage_usage``): the policy's storage state for such images."""
+        raise UsageError(f"{name}: the {type(self).__name__} driver does not report storage usage")

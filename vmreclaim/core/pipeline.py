@@ -11,19 +11,16 @@ holds QEMU's write locks so a busy image is refused (exit 3) before any write.
 
 from __future__ import annotations
 
-import os
 from contextlib import AbstractContextManager, nullcontext
 
 from vmreclaim.core.errors import UnsupportedImageError
 from vmreclaim.core.formats import Image
 from vmreclaim.core.lease import Lease
-from vmreclaim.core.locks import hold_for_writing
 from vmreclaim.core.model import DeletionRecord, Disk, VMIdentity
 from vmreclaim.core.plugins import Plugins
 from vmreclaim.core.policies import Decision, DiskState, Policy, StorageState
-from vmreclaim.core.punch import host_block_size, punch_holes
 from vmreclaim.core.ranges import RangeSet
-from vmreclaim.core.reclaim import ReclaimPlan, ReclaimReport, plan_reclaim
+from vmreclaim.core.reclaim import ReclaimPlan, ReclaimReport, only_allocated, plan_reclaim
 
 
 class Pipeline:
@@ -83,7 +80,7 @@ class Pipeline:
         veto holds whichever way the bytes are freed.
         """
         image.check_punchable()
-        block = host_block_size(fd if fd is not None else image.data_file.fd)
+        block = image.data_file.punch_block_size(fd if fd is not None else image.data_file.fd)
         plan = plan_reclaim(image, ranges, block)
         return self.plugins.translate_filter(disk=disk, image=image, plan=plan, lease=lease)
 
@@ -112,17 +109,19 @@ class Pipeline:
             raise UnsupportedImageError(f"{image.file.path}: {reason}")
         mode = "deep" if deep else "punch"
         holder: AbstractContextManager[int] = (
-            nullcontext(fd) if fd is not None else hold_for_writing(image.data_file.path)
+            nullcontext(fd) if fd is not None else image.data_file.hold_for_writing()
         )
         with holder as write_fd:
-            plan = self.translate(disk, image, ranges, write_fd, lease)
+            # Only bytes the file holds are punched and counted: a dry run then reports
+            # what a real run frees, and ranges punched before do not count twice.
+            plan = only_allocated(self.translate(disk, image, ranges, write_fd, lease), write_fd)
             if dry_run:
                 punched, freed = plan.punch_bytes, 0
             else:
                 if lease is not None:
                     lease.check()  # translating may have used up the lease
-                result = punch_holes(write_fd, plan.punch, path=str(image.data_file.path), lease=lease)
-                os.fsync(write_fd)
+                result = image.data_file.punch(write_fd, plan.punch, lease)
+                image.data_file.sync(write_fd)
                 punched, freed = result.punched_bytes, result.freed_bytes
         if deep and not dry_run and plan.guest_ranges:
             # After our locks are gone: the driver goes through QEMU's own tools, which

@@ -12,7 +12,9 @@ hook implementation fails at start, not silently.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import pluggy
@@ -73,8 +75,8 @@ class Plugins:
         self, *, disk: Disk, image: Image, plan: ReclaimPlan, lease: Lease | None
     ) -> ReclaimPlan:
         answers = self._hook.vmreclaim_translate_filter(disk=disk, image=image, plan=plan, lease=lease)
-        keep = _narrow(plan.punch, answers)
-        return plan if keep == plan.punch else plan.narrowed(keep, "vetoed by a plugin")
+        allowed = _narrow(plan.punch, answers)
+        return plan if allowed == plan.punch else plan.narrowed(allowed, "vetoed by a plugin")
 
     def reclaim_done(self, *, disk: Disk, report: ReclaimReport) -> None:
         self._hook.vmreclaim_reclaim_done(disk=disk, report=report)
@@ -91,3 +93,45 @@ def _narrow(ranges: RangeSet, answers: list[RangeSet | None]) -> RangeSet:
         if answer is not None:
             ranges = ranges.intersect(answer)
     return ranges
+
+
+@dataclass(frozen=True)
+class InstalledHookPlugin:
+    """One entry point of ``vmreclaim.hooks``, as ``vmreclaim plugins`` shows it."""
+
+    name: str
+    target: str
+    distribution: str
+    version: str
+    #: The hook specs it implements, in the order of ``hookspecs.py``.
+    hooks: tuple[str, ...]
+    error: str | None = None
+
+
+def installed_hook_plugins() -> list[InstalledHookPlugin]:
+    """Every hook plugin registered in ``vmreclaim.hooks``, sorted by name, with the
+    hooks it implements; one that fails to import is listed with its error."""
+    specs = [name for name in vars(hookspecs) if name.startswith("vmreclaim_")]
+    marker = f"{PROJECT}_impl"  # the attribute pluggy's HookimplMarker sets
+    found = []
+    for ep in importlib.metadata.entry_points(group=HOOKS_GROUP):
+        dist = ep.dist
+        hooks: tuple[str, ...] = ()
+        error = None
+        try:
+            plugin = ep.load()
+        except Exception as exc:  # any import-time failure is reported, not raised
+            error = f"{type(exc).__name__}: {exc}"
+        else:
+            hooks = tuple(s for s in specs if hasattr(getattr(plugin, s, None), marker))
+        found.append(
+            InstalledHookPlugin(
+                name=ep.name,
+                target=ep.value,
+                distribution=dist.metadata["Name"] if dist is not None else "?",
+                version=dist.version if dist is not None else "?",
+                hooks=hooks,
+                error=error,
+            )
+        )
+    return sorted(found, key=lambda p: p.name)

@@ -22,10 +22,14 @@ import numpy as np
 from vmreclaim.core.errors import CorruptImageError, RangeError
 from vmreclaim.core.extents import ExtentKind, ExtentMap
 from vmreclaim.core.formats import Image
+from vmreclaim.core.punch import held_ranges
 from vmreclaim.core.ranges import RangeSet, overlapping_pairs
 
 #: Reason given for data bytes that share a host block with bytes we may not punch.
 PARTIAL_BLOCK = "partial-block"
+#: Reason given for data bytes whose host bytes are already a hole: punching them frees
+#: nothing, so they are neither punched nor counted (issue 21: counts that overstate).
+HOLE = "hole"
 
 
 @dataclass(frozen=True)
@@ -65,14 +69,25 @@ class ReclaimPlan:
         reclaim mode (deep discard, a guest trim) may act on, and nothing more."""
         return _guest_pieces(self.data, self.punch)
 
-    def narrowed(self, keep: RangeSet, reason: str) -> ReclaimPlan:
-        """The plan punching only host bytes inside ``keep``; the guest bytes that
+    def narrowed(self, allowed: RangeSet, reason: str) -> ReclaimPlan:
+        """The plan punching only host bytes inside ``allowed``; the guest bytes that
         drop out are skipped with ``reason``."""
-        kept = self.punch.intersect(keep)
+        kept = self.punch.intersect(allowed)
         dropped = _guest_pieces(self.data, self.punch.subtract(kept))
         skipped = self.skipped + [Skip(r.start, r.length, reason) for r in dropped]
         skipped.sort(key=lambda s: s.start)
         return ReclaimPlan(self.requested, self.data, kept, skipped, self.block_size)
+
+
+def only_allocated(plan: ReclaimPlan, fd: int) -> ReclaimPlan:
+    """``plan`` narrowed to the host bytes the file ``fd`` (its data file) holds now.
+
+    What is left is what a punch frees: a dry run reports it, ``punched_bytes`` counts
+    it, and the host daemon does not raise a fence for a request that keeps nothing.
+    """
+    if not plan.punch:
+        return plan
+    return plan.narrowed(held_ranges(fd, plan.punch.bounds), HOLE)
 
 
 @dataclass(frozen=True)
@@ -103,9 +118,7 @@ def validate_guest_ranges(ranges: RangeSet, virtual_size: int, *, what: str = "r
         raise RangeError(f"no {what}s to reclaim: give at least one non-empty range")
     if int(ranges.ends[-1]) > virtual_size:
         bad = next(r for r in ranges if r.end > virtual_size)
-        raise RangeError(
-            f"{what} {bad} lies outside the virtual disk ({virtual_size} bytes)"
-        )
+        raise RangeError(f"{what} {bad} lies outside the virtual disk ({virtual_size} bytes)")
 
 
 def plan_reclaim(image: Image, ranges: RangeSet, block_size: int) -> ReclaimPlan:
@@ -119,15 +132,12 @@ def plan_reclaim(image: Image, ranges: RangeSet, block_size: int) -> ReclaimPlan
     data = extents.select(ExtentKind.DATA)
     host = data.host_ranges()
     if host.total != int(data.lengths.sum()):
-        raise CorruptImageError(
-            f"{where}: two guest ranges map to the same host bytes; refusing to punch"
-        )
+        raise CorruptImageError(f"{where}: two guest ranges map to the same host bytes; refusing to punch")
     clash = host.intersect(image.metadata_ranges())
     if clash:
         first = next(iter(clash))
         raise CorruptImageError(
-            f"{where}: guest data maps onto {image.format_name} metadata at host {first}; "
-            "refusing to punch"
+            f"{where}: guest data maps onto {image.format_name} metadata at host {first}; refusing to punch"
         )
     file_size = image.data_file.size
     if host and int(host.ends[-1]) > file_size:
@@ -136,7 +146,7 @@ def plan_reclaim(image: Image, ranges: RangeSet, block_size: int) -> ReclaimPlan
             f"(host {int(host.ends[-1]):#x} > size {file_size:#x})"
         )
 
-    punch = host.align_inward(block_size)
+    punch = image.data_file.punchable(host, block_size)
     punched_guest = _guest_pieces(data, punch)
     skipped = _skips(extents.select(*[k for k in ExtentKind if k is not ExtentKind.DATA]))
     lost = data.guest_ranges().subtract(punched_guest)

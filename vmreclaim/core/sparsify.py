@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vmreclaim.core import loader
+from vmreclaim.core.driver import AUTO
 from vmreclaim.core.errors import VMReclaimError
 from vmreclaim.core.filesystems import FilesystemReader, ProgressCallback, identify
 from vmreclaim.core.formats import Image
-from vmreclaim.core.image import AUTO, open_image
-from vmreclaim.core.locks import busy_reason, hold_for_writing
+from vmreclaim.core.image import open_image
 from vmreclaim.core.model import Disk
 from vmreclaim.core.pipeline import Pipeline
 from vmreclaim.core.ranges import RangeSet
@@ -160,13 +160,13 @@ def _locked(image: Image, dry_run: bool) -> Iterator[tuple[int, bool]]:
     """
     if dry_run:
         files = {image.file.path: image.file, image.data_file.path: image.data_file}.values()
-        busy = any(busy_reason(f.fd) is not None for f in files)
+        busy = any(f.busy_reason() is not None for f in files)
         yield image.data_file.fd, busy
         return
     with ExitStack() as stack:
         if image.data_file is not image.file:
-            stack.enter_context(hold_for_writing(image.file.path))
-        yield stack.enter_context(hold_for_writing(image.data_file.path)), False
+            stack.enter_context(image.file.hold_for_writing())
+        yield stack.enter_context(image.data_file.hold_for_writing()), False
 
 
 @dataclass(frozen=True)
@@ -191,12 +191,15 @@ def scan_free_space(
 ) -> FreeSpaceScan:
     """Identify every volume of ``image`` and read each readable filesystem's free bytes.
 
-    Used by ``image sparsify`` and by the host daemon's offline mode. Raises an
-    :class:`~vmreclaim.core.errors.ImageError` when a filesystem must not be trusted
-    (a journal that needs recovery), and :class:`~vmreclaim.core.errors.VMReclaimError`
-    when a filesystem driver reports free bytes past the end of its volume.
-    ``estimate`` (a dry run of an image in use, nothing punched): the readers may read
-    stale structures rather than refuse (:meth:`FilesystemReader.free_space`).
+    The one reader of guest free space offline: ``image sparsify`` and the host
+    daemon's offline reclaim both call it, so both refuse the same damaged filesystems
+    (a driver raises an :class:`~vmreclaim.core.errors.ImageError` when a cross-check
+    fails, a journal needs recovery, ...), every installed reader must load (a broken one
+    raises :class:`~vmreclaim.core.errors.DriverLoadError`, never a silent skip), and a
+    driver reporting free bytes past the end of its volume raises
+    :class:`~vmreclaim.core.errors.VMReclaimError`. ``estimate`` (a dry run of an image
+    in use, nothing punched): the readers may read stale structures rather than refuse
+    (:meth:`FilesystemReader.free_space`).
     """
     readers = loader.load_all("filesystems", FilesystemReader)
     results: list[FilesystemResult] = []

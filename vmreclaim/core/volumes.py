@@ -13,11 +13,13 @@ table:
 * **whole disk** — no valid table, or a boot-sector filesystem (FAT, NTFS) at sector 0
   whose boot code would otherwise be misread as partition entries.
 
-LVM2 physical volumes are recognised by their label and reported as skipped. Following
-linear logical volumes needs an LVM metadata reader we would trust to punch by; the
-well-kept candidate, ``dissect.volume``, reads only the first metadata slot without
-checking the mda header or metadata checksums or the ring buffer's wrap-around, and is
-AGPL-3.0 (this project is Apache-2.0), so it is not used.
+LVM2 physical volumes are recognised by their label; their linear logical volumes are
+read from the checksummed text metadata (:mod:`vmreclaim.core.lvm`) and listed right
+after the PV, each as a volume of its own (scheme ``lvm``); other LVs are listed with
+the reason they are skipped. The well-kept library candidate, ``dissect.volume``, reads
+only the first metadata slot without checking the mda header or metadata checksums or
+the ring buffer's wrap-around, and is AGPL-3.0 (this project is Apache-2.0), so the
+metadata reader is our own.
 
 Every number comes from the image and is untrusted: a partition that reaches past the
 end of the disk is skipped with the reason; two partitions that overlap, or a chain
@@ -33,6 +35,7 @@ import uuid
 import zlib
 from dataclasses import dataclass, field
 
+from vmreclaim.core import lvm
 from vmreclaim.core.errors import CorruptImageError
 from vmreclaim.core.formats import MAX_STRUCTURE_READ, Image
 
@@ -74,7 +77,9 @@ class Volume:
 
     @property
     def label(self) -> str:
-        """How messages name the volume: ``partition 2`` or ``whole disk``."""
+        """How messages name the volume: ``partition 2``, ``LV vg/root`` or ``whole disk``."""
+        if self.scheme == "lvm":
+            return f"LV {self.name}"
         return "whole disk" if self.number is None else f"partition {self.number}"
 
     def read(self, offset: int, length: int, what: str) -> bytes:
@@ -108,7 +113,34 @@ def scan_volumes(image: Image) -> list[Volume]:
         if vol.skip_reason is None:
             _mark_lvm(vol)
     _check_overlaps(image, volumes)
-    return volumes
+    out: list[Volume] = []
+    for vol in volumes:
+        out.append(vol)
+        if vol.content == "LVM2_member":
+            out += _logical_volumes(vol)
+    return out
+
+
+def _logical_volumes(pv: Volume) -> list[Volume]:
+    """The PV's logical volumes as volumes of the disk; the PV itself is then skipped."""
+    try:
+        found = lvm.logical_volumes(pv.read, pv.length)
+    except (lvm.MetadataError, CorruptImageError) as exc:
+        pv.skip_reason = f"LVM2 physical volume: {exc}; its logical volumes are not read"
+        return []
+    pv.skip_reason = "LVM2 physical volume: its logical volumes are listed after it"
+    return [
+        Volume(
+            pv.image,
+            pv.start + lv.offset,
+            lv.length,
+            scheme="lvm",
+            type_id="linear",
+            name=lv.name,
+            skip_reason=lv.skip_reason,
+        )
+        for lv in found
+    ]
 
 
 # -- table selection ---------------------------------------------------------------------
@@ -346,11 +378,7 @@ def _mark_lvm(vol: Volume) -> None:
                 else ""
             )
             vol.content = "LVM2_member"
-            vol.skip_reason = (
-                f"LVM2 physical volume{f' {pv_uuid}' if pv_uuid else ''}: logical volumes are not "
-                "followed offline (no LVM metadata reader we trust to punch by); reclaim them live "
-                "with the guest agent"
-            )
+            vol.name = vol.name or pv_uuid
             return
 
 

@@ -19,7 +19,8 @@
   what :class:`~vmreclaim.host.session.SessionHost` lists, which
   :mod:`~vmreclaim.host.intake` implements;
 * :mod:`~vmreclaim.host.store` and :mod:`~vmreclaim.host.ingest` make records durable
-  before they are acknowledged;
+  before they are acknowledged; :mod:`~vmreclaim.host.budget` bounds what each VM
+  may cost;
 * :mod:`~vmreclaim.host.scheduler` owns each disk's state
   (:mod:`~vmreclaim.host.disks`, :mod:`~vmreclaim.host.pending`) and decides when to
   reclaim;

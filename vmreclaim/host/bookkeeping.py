@@ -12,10 +12,11 @@ saved here too, whenever it changed.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
+from vmreclaim.core.errors import VMReclaimError
+from vmreclaim.core.image import image_size, storage_state
 from vmreclaim.core.policies import DiskState, Policy, StorageState
 from vmreclaim.host.attempt import POSTPONED, Attempt
 from vmreclaim.host.disks import DiskRuntime
@@ -89,9 +90,9 @@ class ReclaimBook:
         remainder = snap.remainder.union(attempt.still_pending)
         rid = self._committer.allocate_id() if remainder else None
         try:
-            size = os.stat(disk.path).st_size
-            storage: StorageState | None = StorageState.of(disk.path)
-        except OSError:
+            size = image_size(disk.path)
+            storage: StorageState | None = storage_state(disk.path)
+        except (OSError, VMReclaimError):
             size, storage = 0, None
         if storage is not None:
             after = DiskState(disk.key, size, remainder.total, finished)

@@ -10,6 +10,9 @@ connections per VM        :attr:`Limits.connections_per_vm` at once, pre-handsha
                           included; more are closed at once (no descriptor, no buffer)
 lines per second          a token bucket per VM: past it the session stops reading,
 bytes per second          so the guest's own socket fills and its sender blocks
+event-loop time           the time the daemon spent on the VM's lines, as a share of a
+                          core (the same bucket mechanism): cheap lines and costly ones
+                          (deep JSON, long errors) cost each VM what they cost
 ranges in flight          ranges received but not yet committed, per VM: past it the
                           session stops reading until its commits catch up
 ranges held per disk      :attr:`Limits.ranges_per_disk`; past it records are nacked
@@ -43,17 +46,24 @@ class Limits:
     #: Connections of one VM at once, before and after the handshake (an agent that
     #: reconnects while its old connection lingers needs two).
     connections_per_vm: int = 3
-    #: Lines (of any type) per second a VM's session reads, and the burst it may send.
-    lines_per_second: float = 500.0
-    line_burst: float = 1000.0
-    #: Bytes per second a VM's session reads; the burst admits one line of the maximum
+    #: Lines (of any type) per second a VM's session reads, and the burst it may send
+    #: (a real agent sends a record per verification pass, some tens a second; after an
+    #: outage it replays its spool 32 records at a time).
+    lines_per_second: float = 2000.0
+    line_burst: float = 4000.0
+    #: Bytes per second a VM's session reads; the burst admits two lines of the maximum
     #: size (4 MiB) at once.
-    bytes_per_second: float = 2 * 1024 * 1024
+    bytes_per_second: float = 4 * 1024 * 1024
     byte_burst: float = 2 * MAX_LINE_BYTES
-    #: Ranges of one VM received but not yet committed.
+    #: Share of one core the event loop may spend on a VM's lines (parsing, validating,
+    #: storing, answering), and the burst in seconds.
+    cpu_share: float = 0.05
+    cpu_burst: float = 0.1
+    #: Ranges of one VM received but not yet committed; each record counts
+    #: ``RECORD_OVERHEAD_RANGES`` more (its objects), so many one-range records are bounded too.
     inflight_ranges_per_vm: int = 200_000
     #: Pending ranges one disk may hold (memory and database); past it records are nacked.
-    ranges_per_disk: int = 1_000_000
+    ranges_per_disk: int = 250_000
     #: Log lines a VM's channel may cause per minute; the rest are counted, then summed
     #: up in one line. Strings a guest chose are cut to ``log_field_chars``.
     log_lines_per_minute: int = 30
@@ -62,6 +72,33 @@ class Limits:
 
 #: The daemon's limits (tests replace it before starting a daemon).
 DEFAULT_LIMITS = Limits()
+
+#: What a record in flight costs beyond its ranges, counted in ranges (about 1 KiB).
+RECORD_OVERHEAD_RANGES = 64
+
+#: The daemon's own memory with no VM: the interpreter, numpy, pydantic, SQLite's cache,
+#: the thread pools, and the transient objects of parsing one maximal line (a 4 MiB
+#: record of 65,536 ranges is some 40 MiB of Python objects while it is validated; lines
+#: are parsed one at a time on the event loop, so this is paid once per host).
+HOST_BASE_BYTES = 200 * 1024 * 1024
+#: Bytes per pending range of a disk: the merged start/end arrays, a merge's temporary
+#: copies, and the per-record bookkeeping of one-range records (measured, rounded up).
+BYTES_PER_PENDING_RANGE = 160
+
+
+def memory_bound(vms: int, disks_per_vm: int = 1, limits: Limits | None = None) -> int:
+    """The daemon's resident memory bound for ``vms`` VMs whatever their guests send
+    (docs/host.md, *Budgets*; measured by tests/host/test_hostile_guests.py).
+
+    Per VM: its connections' stream buffers (asyncio pauses a socket at twice the 4 MiB
+    line limit, plus the line being split), its ranges in flight, its disks' pending
+    ranges; per host: :data:`HOST_BASE_BYTES`.
+    """
+    lim = limits or DEFAULT_LIMITS
+    buffers = lim.connections_per_vm * 3 * MAX_LINE_BYTES
+    inflight = lim.inflight_ranges_per_vm * 16 * 3
+    pending = disks_per_vm * lim.ranges_per_disk * BYTES_PER_PENDING_RANGE
+    return HOST_BASE_BYTES + vms * (buffers + inflight + pending)
 
 
 class TokenBucket:
@@ -95,11 +132,13 @@ class VMBudget:
     inflight_ranges: int = 0
     lines: TokenBucket = field(init=False)
     bytes: TokenBucket = field(init=False)
+    cpu: TokenBucket = field(init=False)
     _room: asyncio.Event | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.lines = TokenBucket(self.limits.lines_per_second, self.limits.line_burst)
         self.bytes = TokenBucket(self.limits.bytes_per_second, self.limits.byte_burst)
+        self.cpu = TokenBucket(self.limits.cpu_share, self.limits.cpu_burst)
 
     # -- connections -------------------------------------------------------------------
 
@@ -121,17 +160,21 @@ class VMBudget:
 
     async def pace(self, nbytes: int) -> None:
         """A line of ``nbytes`` was read: wait as long as the VM is over its rates."""
-        wait = max(self.lines.delay(1), self.bytes.delay(nbytes))
+        wait = max(self.lines.delay(1), self.bytes.delay(nbytes), self.cpu.delay(0))
         if wait > 0:
             await asyncio.sleep(wait)
 
+    def charge(self, seconds: float) -> None:
+        """The event loop spent ``seconds`` on one of the VM's lines: paid before its next."""
+        self.cpu.delay(seconds)
+
     def hold(self, ranges: int) -> None:
-        """``ranges`` were handed to the committer."""
-        self.inflight_ranges += ranges
+        """A record of ``ranges`` ranges was handed to the committer."""
+        self.inflight_ranges += ranges + RECORD_OVERHEAD_RANGES
 
     def release(self, ranges: int) -> None:
-        """``ranges`` were committed (or failed)."""
-        self.inflight_ranges -= ranges
+        """A record of ``ranges`` ranges was committed (or failed)."""
+        self.inflight_ranges -= ranges + RECORD_OVERHEAD_RANGES
         if self._room is not None and self.inflight_ranges <= self.limits.inflight_ranges_per_vm // 2:
             self._room.set()
 

@@ -45,6 +45,7 @@ from vmreclaim.host.bookkeeping import ReclaimBook
 from vmreclaim.host.budget import raise_nofile_limit
 from vmreclaim.host.control import ControlServer, control_socket_path
 from vmreclaim.host.disks import DiskRuntime
+from vmreclaim.host.formats import FormatLedger
 from vmreclaim.host.images import ImageOpener
 from vmreclaim.host.ingest import Committer
 from vmreclaim.host.intake import Intake
@@ -140,6 +141,8 @@ class HostDaemon:
         """Open the database, list the VMs, listen on every channel; raise if unusable."""
         cfg = self.config
         store = self.store = await self._db_call(DeletionStore, cfg.database)
+        # Formats once seen are kept across restarts (vmreclaim.host.formats).
+        self.images.use_ledger(await self._db_call(FormatLedger, cfg.database))
         try:
             infos = await self._thread(self.hypervisor.vms)
         except HypervisorError:
@@ -278,6 +281,7 @@ class HostDaemon:
         """Stop listening, let reclaims in flight finish (within a lease), commit what
         was received, close everything."""
         cfg = self.config
+        self.registry.refuse_new()
         for task in self._critical[1:]:
             task.cancel()
         await self.scheduler.stop(timeout=cfg.fence.lease_seconds + 2)
@@ -299,6 +303,7 @@ class HostDaemon:
             with contextlib.suppress(Exception):
                 await self._db_call(self.store.save_policy, cfg.policy.driver, self.policy.state())
             await self._db_call(self.store.close)
+        self.images.close()
         with contextlib.suppress(Exception):
             self.hypervisor.close()
         self._db.shutdown(wait=True)

@@ -1,4 +1,4 @@
-"""The delete executor (the source design's module 4), under the safety model.
+"""One reclaim attempt of one disk, in the one mode that is safe now (DESIGN.md section 4).
 
 For one disk and a snapshot of its pending ranges, :class:`Reclaimer` picks the one
 safe way to reclaim (:func:`choose_mode`, DESIGN.md section 4) and runs it:
@@ -19,9 +19,13 @@ safe way to reclaim (:func:`choose_mode`, DESIGN.md section 4) and runs it:
     by us for the whole punch) and no loop device is attached to it. The records were
     verified by a guest that may have run on since, so they are re-verified against the
     free space the guest filesystem's own structures show (the ``filesystems`` plugin
-    kind, as ``image sparsify`` reads it); ranges that cannot be verified stay pending.
+    kind, read by :func:`vmreclaim.core.sparsify.scan_free_space`, the scan of
+    ``image sparsify``); ranges that cannot be verified stay pending.
 
-Anything else waits, with the reason shown in ``vmreclaim status``.
+Anything else waits (outcome ``postponed``), with the reason shown in ``vmreclaim
+status``. Every punch goes through :meth:`Pipeline.reclaim
+<vmreclaim.core.pipeline.Pipeline.reclaim>`: the same translate, filter and punch as
+the offline commands.
 """
 
 from __future__ import annotations
@@ -50,9 +54,9 @@ from vmreclaim.core.locks import hold_for_writing
 from vmreclaim.core.model import Disk
 from vmreclaim.core.pipeline import Pipeline
 from vmreclaim.core.protocol import FenceReady, FenceRefused, TrimDone, pairs_to_ranges
-from vmreclaim.core.punch import allocated_bytes
+from vmreclaim.core.punch import allocated_bytes, host_block_size
 from vmreclaim.core.ranges import ByteRange, RangeSet
-from vmreclaim.core.reclaim import ReclaimReport
+from vmreclaim.core.reclaim import ReclaimReport, only_allocated, plan_reclaim
 from vmreclaim.core.sparsify import scan_free_space
 from vmreclaim.host.attempt import DONE, EXPIRED, FAILED, POSTPONED, REFUSED, Attempt
 from vmreclaim.host.images import ImageOpener
@@ -192,28 +196,28 @@ class Reclaimer:
     async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def attempt(self, disk: Disk, info: VMInfo, session: AgentLink | None, snap: Snapshot) -> Attempt:
-        live = session is not None and session.live
+    async def attempt(self, disk: Disk, info: VMInfo, agent: AgentLink | None, snap: Snapshot) -> Attempt:
+        live = agent is not None and agent.live
         # Only the offline mode cares about loop devices (a sysfs walk): skip it otherwise.
         loop_dev = None if live else loop_device_of(disk.path)
-        choice = choose_mode(info, disk, session, self.hypervisor, loop_dev)
+        choice = choose_mode(info, disk, agent, self.hypervisor, loop_dev)
         if choice.mode is None:
             return Attempt("none", POSTPONED, choice.reason)
         if choice.mode == "trim":
-            assert session is not None
-            return await self._trim(disk, session, snap.ranges)
+            assert agent is not None
+            return await self._trim(disk, agent, snap.ranges)
         if choice.mode == "fence":
-            assert session is not None
-            return await self._fenced(disk, info, session, snap.ranges)
+            assert agent is not None
+            return await self._fenced(disk, info, agent, snap.ranges)
         return await self._offline(disk, snap.ranges)
 
     # -- guest trim ------------------------------------------------------------------------
 
-    async def _trim(self, disk: Disk, session: AgentLink, ranges: RangeSet) -> Attempt:
-        async with session.fence_lock:
+    async def _trim(self, disk: Disk, agent: AgentLink, ranges: RangeSet) -> Attempt:
+        async with agent.fence_lock:
             before = await self._thread(allocated_bytes, disk.path)
             try:
-                reply = await session.trim(disk, ranges, self.trim_timeout)
+                reply = await agent.trim(disk, ranges, self.trim_timeout)
             except FenceError as exc:
                 return Attempt("trim", REFUSED, str(exc), requested_bytes=ranges.total)
             if isinstance(reply, FenceRefused):
@@ -224,7 +228,7 @@ class Reclaimer:
             if reply.error and not reply.trimmed_bytes:
                 if "EOPNOTSUPP" in reply.error or "not supported" in reply.error:
                     # The guest's disk takes no discards after all: fence from now on.
-                    session.stop_trimming(disk.id)
+                    agent.stop_trimming(disk.id)
                 return Attempt(
                     "trim", REFUSED, f"agent could not trim: {reply.error}", requested_bytes=ranges.total
                 )
@@ -254,16 +258,28 @@ class Reclaimer:
             return NotNow(f"block job {', '.join(jobs)} runs on {disk.key}")
         return None
 
-    async def _fenced(self, disk: Disk, info: VMInfo, session: AgentLink, ranges: RangeSet) -> Attempt:
+    async def _fenced(self, disk: Disk, info: VMInfo, agent: AgentLink, ranges: RangeSet) -> Attempt:
         requested = ranges.total
         jobs = await self._thread(self._block_jobs, info, disk)
         if jobs is not None:
             return Attempt("fence", POSTPONED, jobs.reason, requested_bytes=requested)
+        try:
+            ranges = await self._thread(self._holding, disk, ranges)
+        except (ImageError, OSError, VMReclaimError) as exc:
+            return Attempt("fence", FAILED, str(exc), requested_bytes=requested)
+        if not ranges:
+            # Freezing a guest to punch what is already a hole would free nothing.
+            return Attempt(
+                "fence",
+                DONE,
+                "no asked range holds storage in the image: no fence",
+                requested_bytes=requested,
+            )
         verified = RangeSet()
-        async with session.fence_lock:
+        async with agent.fence_lock:
             wait = self.lease_seconds - self.margin_seconds
             try:
-                fid, sent_at, reply = await session.fence(disk, ranges, self.lease_seconds, wait)
+                fid, sent_at, reply = await agent.fence(disk, ranges, self.lease_seconds, wait)
             except FenceError as exc:
                 return Attempt("fence", REFUSED, str(exc), requested_bytes=requested)
             if isinstance(reply, FenceRefused):
@@ -271,8 +287,10 @@ class Reclaimer:
                     "fence", REFUSED, f"agent refused fence {fid}: {reply.error}", requested_bytes=requested
                 )
             granted = min(self.lease_seconds, reply.lease_ms / 1000)
+            # The guest filesystem is frozen from here until fence.released.
+            event(logging.DEBUG, "fence.granted", vm=info.identity.name, fence=fid, lease_seconds=granted)
             lease = Lease.starting(sent_at, granted, self.margin_seconds, what=f"fence {fid} on {disk.key}")
-            session.hold(fid, lease)
+            agent.hold(fid, lease)
             try:
                 if reply.disk != disk.id:
                     return Attempt(
@@ -297,12 +315,12 @@ class Reclaimer:
             except (ImageError, ImageBusyError, OSError, VMReclaimError) as exc:
                 return Attempt("fence", FAILED, str(exc), requested_bytes=requested)
             finally:
-                why = await session.release(fid)
+                why = await agent.release(fid)
                 frozen = time.monotonic() - sent_at
                 event(
                     logging.DEBUG,
                     "fence.released",
-                    vm=session.name,
+                    vm=agent.name,
                     fence=fid,
                     why=why,
                     seconds=round(frozen, 4),
@@ -317,6 +335,22 @@ class Reclaimer:
             freed_bytes=report.freed_bytes,
             fence_seconds=frozen,
         )
+
+    def _holding(self, disk: Disk, ranges: RangeSet) -> RangeSet:
+        """The part of ``ranges`` a punch could free, read before any fence: every guest
+        byte the plan skips (unallocated, zero, already a hole, shared, ...) is dropped.
+
+        Reading the image unfenced is safe here because it only ever narrows: a byte
+        dropped now is not punched, and the fence re-reads the mapping for what is kept.
+        The agent's report of the space already free at its start is mostly such bytes.
+        """
+        with self.images.open(disk) as image:
+            asked = ranges.clip(ByteRange(0, image.virtual_size))
+            if not asked:
+                return asked
+            fd = image.data_file.fd
+            plan = only_allocated(plan_reclaim(image, asked, host_block_size(fd)), fd)
+            return asked.subtract(RangeSet.from_ranges((s.start, s.length) for s in plan.skipped))
 
     def _punch_live(
         self, info: VMInfo, disk: Disk, verified: RangeSet, lease: Lease
@@ -350,7 +384,7 @@ class Reclaimer:
             return Attempt("offline", FAILED, str(exc), requested_bytes=ranges.total)
         if isinstance(outcome, NotNow):
             return Attempt("offline", POSTPONED, outcome.reason, requested_bytes=ranges.total)
-        report, verified, keep, note = outcome
+        report, verified, unverifiable, note = outcome
         return Attempt(
             "offline",
             DONE,
@@ -359,7 +393,7 @@ class Reclaimer:
             verified_bytes=verified,
             punched_bytes=report.punched_bytes if report else 0,
             freed_bytes=report.freed_bytes if report else 0,
-            still_pending=keep,
+            still_pending=unverifiable,
         )
 
     def _punch_offline(
@@ -380,11 +414,11 @@ class Reclaimer:
             asked = ranges.clip(ByteRange(0, image.virtual_size))
             scan = scan_free_space(image)
             verified = asked.intersect(scan.free)
-            keep = asked.subtract(scan.covered)
+            unverifiable = asked.subtract(scan.covered)
             note = f"{verified.total} of {ranges.total} bytes verified free offline"
             if scan.skipped:
                 note += "; not verified: " + "; ".join(scan.skipped)
             if not verified:
-                return None, 0, keep, note
+                return None, 0, unverifiable, note
             report = self.pipeline.reclaim(disk, image, verified, fd=fd)
-            return report, verified.total, keep, note
+            return report, verified.total, unverifiable, note

@@ -203,7 +203,7 @@ class VMRegistry:
         if old is not None and old is not session and not old.closed:
             self._spawn(old.close("replaced by a newer connection"), f"close:{session.name}")
         self._count_agents()
-        self._scheduler.mark(d.key for d in vmrt.info.disks)
+        self._scheduler.mark((d.key for d in vmrt.info.disks), retry_now=True)
 
     def detach(self, session: AgentSession) -> None:
         vmrt = self.vms.get(session.name)
@@ -249,6 +249,10 @@ class VMRegistry:
         return vmrt.session if vmrt is not None else None
 
     # -- stopping ---------------------------------------------------------------------------
+
+    def refuse_new(self) -> None:
+        """From now on, no new listener and no new session (the daemon is stopping)."""
+        self._stopping = True
 
     async def close(self, why: str) -> None:
         """Stop listening and close every session."""

@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections.abc import Coroutine, Iterable
 from typing import Any, Protocol
 
 from vmreclaim.core.config import ReclaimConfig
+from vmreclaim.core.errors import VMReclaimError
 from vmreclaim.core.hypervisors import VMInfo
+from vmreclaim.core.image import image_size, storage_state
 from vmreclaim.core.model import MAX_RANGES_PER_RECORD, DeletionRecord, Disk, VMIdentity
 from vmreclaim.core.pipeline import Pipeline
-from vmreclaim.core.policies import Decision, DiskState, Policy, StorageState
+from vmreclaim.core.policies import Decision, DiskState, Policy
 from vmreclaim.host import budget
 from vmreclaim.host.attempt import POSTPONED, Attempt
 from vmreclaim.host.bookkeeping import ReclaimBook
@@ -104,8 +105,22 @@ class Scheduler:
         if rt is not None and rt.pending:
             self.orphans[key] = rt.pending
 
-    def mark(self, keys: Iterable[str]) -> None:
-        """Decide about these disks soon (their records or their agent changed)."""
+    def mark(self, keys: Iterable[str], *, retry_now: bool = False) -> None:
+        """Decide about these disks soon (their records or their agent changed).
+
+        ``retry_now``: what made their last attempts fail may be gone (an agent has
+        just connected), so their retry backoff is forgotten. Without it, after a
+        daemon restart the attempts made before the agent was back (postponed: no
+        agent) had grown the backoff, and the reclaim waited it out with the agent
+        there (issue 11 item 8).
+        """
+        keys = list(keys)
+        if retry_now:
+            for key in keys:
+                rt = self.disks.get(key)
+                if rt is not None:
+                    rt.failures = 0
+                    rt.retry_at = 0.0
         self._dirty.update(keys)
         self._poke.set()
 
@@ -202,10 +217,12 @@ class Scheduler:
             self._spawn(self._reclaim(rt, vms, book), f"reclaim:{rt.disk.key}")
             return
         try:
-            size = os.stat(rt.disk.path).st_size
-            storage = StorageState.of(rt.disk.path)
-        except OSError as exc:
-            rt.last_decision = Decision(False, f"image {rt.disk.path} cannot be read: {exc.strerror}")
+            # A named image (rbd:...) answers through its driver: the pool's usage.
+            size = image_size(rt.disk.path)
+            storage = storage_state(rt.disk.path)
+        except (OSError, VMReclaimError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
+            rt.last_decision = Decision(False, f"image {rt.disk.path} cannot be read: {why}")
             return
         state = DiskState(
             rt.disk.key, size, rt.pending.bytes_upper, rt.totals.last_reclaim, rt.pending.oldest_received

@@ -321,12 +321,15 @@ class AgentSession:
                 return
             # Past its rates the VM waits here, unread: its own socket fills, nobody else's.
             await self.budget.pace(len(line))
+            started = time.perf_counter()
             try:
                 message = decode_from_agent(line)
             except ProtocolError as exc:
                 self._bad_line(str(exc), "malformed")
             else:
                 self._dispatch(message)
+            # The event loop's time this line took is the VM's to pay (its CPU share).
+            self.budget.charge(time.perf_counter() - started)
             if self._bad_in_a_row >= MAX_BAD_LINES:
                 await self.close(f"{MAX_BAD_LINES} bad lines in a row")
                 return

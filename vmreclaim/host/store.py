@@ -14,6 +14,8 @@ remember across a restart lives here::
     reclaims  (id, disk, started, finished, mode, outcome, requested_bytes,
                verified_bytes, punched_bytes, freed_bytes, detail)   recent attempts
     counters  (name, value)            rejected records per VM
+    disk_formats (path, disk, format, source, since)
+              the format each image was first served with (vmreclaim.host.formats)
 
 A reclaim that handled a disk's records up to id ``upto`` deletes them, and stores what
 it did not try (a backlog larger than one fence) as one new record, in the same

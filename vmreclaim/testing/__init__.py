@@ -5,6 +5,14 @@ available in any test suite that has vmreclaim installed. Everything here drives
 components — files, ``qemu-img``/``qemu-io``, loop devices — never mocks of them.
 """
 
+from vmreclaim.testing.contracts import (
+    CaptureContract,
+    FilesystemContract,
+    FormatContract,
+    HypervisorContract,
+    PolicyContract,
+    TransportContract,
+)
 from vmreclaim.testing.helpers import (
     have_tool,
     is_root,
@@ -18,6 +26,12 @@ from vmreclaim.testing.helpers import (
 )
 
 __all__ = [
+    "CaptureContract",
+    "FilesystemContract",
+    "FormatContract",
+    "HypervisorContract",
+    "PolicyContract",
+    "TransportContract",
     "have_tool",
     "is_root",
     "make_disk",

@@ -1,7 +1,7 @@
 """Capture ``fsmap`` (the default): deletion events are triggers, free space is the truth.
 
 Events carry names, never block addresses, and once a file is gone its extents cannot
-be read (specs.md 5.3). So this driver does not try to know *which* blocks a delete
+^be read (docs/agent.md, "Capture"). So this driver does not try to know *which* blocks a delete
 freed: it remembers the free space of the filesystem as of the last pass, and each pass
 proposes everything that was not free then. Verify intersects that with the free space
 now, so what is reported is exactly the blocks that became free since the last pass —

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 from pathlib import Path
 
 from pydantic import Field
@@ -23,6 +24,9 @@ from vmreclaim.core.transports import MAX_LINE_BYTES, ConnectionHandler, Transpo
 class UnixOptions(DriverOptions):
     path: Path
     mode: int = Field(default=0o600, ge=0, le=0o777)
+    #: Connections served at once; further ones wait in the kernel's listen backlog,
+    #: unaccepted (no descriptor, no buffer in the daemon), until one ends.
+    max_connections: int = Field(default=4, ge=1, le=1024)
 
 
 class UnixTransport(Transport):
@@ -43,22 +47,51 @@ class UnixTransport(Transport):
     async def serve(self, handler: ConnectionHandler) -> None:
         path = self.options.path
         peer = self.describe()
-
-        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await handler(reader, writer, peer)
-
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 if path.is_socket():
                     path.unlink()
-            server = await asyncio.start_unix_server(on_connect, path, limit=MAX_LINE_BYTES)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(str(path))
             os.chmod(path, self.options.mode)
+            sock.listen(16)
+            sock.setblocking(False)
         except OSError as exc:
             raise ChannelError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
+        # Accepting is gated, not just capped: a connection over the limit is never
+        # accepted, so a guest that opens thousands of idle connections on its channel
+        # fills its own listen backlog and costs the daemon nothing (issue 11 item 4).
+        slots = asyncio.Semaphore(self.options.max_connections)
+        loop = asyncio.get_running_loop()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def serve_one(conn: socket.socket) -> None:
+            try:
+                reader, writer = await asyncio.open_unix_connection(sock=conn, limit=MAX_LINE_BYTES)
+                try:
+                    await handler(reader, writer, peer)
+                finally:
+                    writer.close()
+            except OSError:
+                conn.close()
+            finally:
+                slots.release()
+
         try:
-            async with server:
-                await server.serve_forever()
+            while True:
+                await slots.acquire()
+                try:
+                    conn, _ = await loop.sock_accept(sock)
+                except BaseException:
+                    slots.release()
+                    raise
+                task = loop.create_task(serve_one(conn))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
         finally:
+            sock.close()
+            for task in tasks:
+                task.cancel()
             with contextlib.suppress(OSError):
                 path.unlink()

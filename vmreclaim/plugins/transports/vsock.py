@@ -5,7 +5,7 @@
   accepted connection goes to the channel whose ``cid`` is the peer's CID, and a
   connection from a CID no channel claims is closed. The CID is trustworthy: the host
   kernel's vhost-vsock only delivers guest packets whose source CID is the one the host
-  assigned to that VM (specs.md 7.2), so a guest cannot speak as another.
+  assigned to that VM (DESIGN.md section 4, rule 5), so a guest cannot speak as another.
 
 Not yet run against a real vsock: the reference machine has no ``/dev/vhost-vsock`` and
 no loopback transport. The tests run the driver's stream setup over a socket pair and

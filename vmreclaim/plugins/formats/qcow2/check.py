@@ -17,7 +17,7 @@ this module does the same, vectorised:
 * the COPIED flag of every active L1 and L2 entry must say exactly "refcount is 1".
 
 Overlapping structures, unaligned offsets and reserved bits are refused where the
-tables are read (:mod:`vmreclaim.plugins.formats.qcow2`, ``_qcow2_header``).
+tables are read (:mod:`.tables`, :mod:`.refcounts`, :mod:`.header`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vmreclaim.core.errors import CorruptImageError
-from vmreclaim.plugins.formats import _qcow2_header as hdr
+from vmreclaim.plugins.formats.qcow2 import header as hdr
 
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
@@ -61,19 +61,31 @@ def _clusters_touched(starts: I64, lengths: I64, bits: int) -> I64:
     return out
 
 
-def check_consistency(img: Tables, path: Path, file_size: int, *, external_data: bool) -> None:
+def check_consistency(
+    img: Tables, path: Path, file_size: int, *, external_data: bool, extended_l2: bool
+) -> None:
     """Raise :class:`CorruptImageError` on the first kind of error ``qemu-img check``
-    would count, naming the cluster, the numbers and how many share the problem."""
+    would count, naming the structure, the numbers and how many share the problem."""
     cs = img.cluster_size
     bits = cs.bit_length() - 1
     refs: list[I64] = []
-    for _, starts, lengths in img.structures():
+    structures = img.structures()
+    for _, starts, lengths in structures:
         refs.append(_clusters_touched(starts, lengths, bits))
     l1s = img.l1_tables()
-    for _, l1 in l1s:
-        l2 = (l1 & np.uint64(hdr.L1E_OFFSET_MASK)).astype(np.int64)
-        l2 = l2[l2 != 0]
+    for name, l1 in l1s:
+        # QEMU's check takes any non-zero L1 entry as naming an L2 table, even one
+        # whose offset bits are 0 (the header cluster): so do we.
+        used = np.flatnonzero(l1)
+        l2 = (l1[used] & np.uint64(hdr.L1E_OFFSET_MASK)).astype(np.int64)
+        if bool((l2 == 0).any()):
+            i = int(used[int(np.argmax(l2 == 0))])
+            raise CorruptImageError(
+                f"{path}: qcow2 {name} entry #{i} ({int(l1[i]):#x}) has flags but no L2 table offset; "
+                "refusing to punch"
+            )
         refs.append(l2 >> bits)
+        _check_entries(img, path, l2, cs, extended_l2)
         plain, packed = img.references(l2)
         if not external_data:  # data clusters live in the data file, without refcounts
             refs.append(plain)
@@ -97,7 +109,40 @@ def check_consistency(img: Tables, path: Path, file_size: int, *, external_data:
             f"(first: cluster at {int(values[i]) * cs:#x} has refcount {int(stored[i])} but "
             f"{int(counts[i])} reference(s)); refusing to punch (`qemu-img check -r all` repairs it)"
         )
+    # A refcount block counts its own cluster: anything else using that cluster (a
+    # data cluster, a table) would corrupt refcounts on the next write.
+    blocks: I64 = np.concatenate(
+        [offs for name, offs, _ in structures if name == "refcount block"] or [np.zeros(0, np.int64)]
+    )
+    pos = np.searchsorted(values, blocks >> bits)
+    twice = counts[pos] != 1
+    if bool(twice.any()):
+        k = int(np.argmax(twice))
+        raise CorruptImageError(
+            f"{path}: qcow2 refcount block at {int(blocks[k]):#x} is referenced {int(counts[pos][k])} "
+            "times (it must be used by nothing else); refusing to punch"
+        )
     _check_copied(img, path, l1s[0][1], bits, external_data)
+
+
+def _check_entries(img: Tables, path: Path, l2: I64, cs: int, extended_l2: bool) -> None:
+    """Reserved bits and alignment of every entry of every L2 table (snapshots' too:
+    the map reads only the active ones, QEMU's check reads all)."""
+    reserved = np.uint64(hdr.L2E_STD_RESERVED_MASK | (hdr.ZERO if extended_l2 else 0))
+    for table_of, e in img.l2_words(np.unique(l2)):
+        comp = (e & np.uint64(hdr.COMPRESSED)) != 0
+        off = (e & np.uint64(hdr.L2E_OFFSET_MASK)).astype(np.int64)
+        problems = [
+            (~comp & ((e & reserved) != 0), "has reserved bits set"),
+            (~comp & (off % cs != 0), "names an unaligned host cluster"),
+        ]
+        for bad, what in problems:
+            if bool(bad.any()):
+                k = int(np.argmax(bad))
+                raise CorruptImageError(
+                    f"{path}: qcow2 L2 table at {int(table_of[k]):#x}: an entry ({int(e[k]):#x}) {what} "
+                    f"({int(bad.sum())} such entries in this batch); refusing to punch"
+                )
 
 
 def _check_copied(img: Tables, path: Path, l1: U64, bits: int, external_data: bool) -> None:

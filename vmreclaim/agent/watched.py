@@ -1,4 +1,5 @@
-"""The filesystems the agent watches: where they are, what they can do, and verify.
+"""The mounted filesystems the agent watches (not the "filesystems" plugin kind, which
+reads filesystems inside images offline): where they are, what they can do, and verify.
 
 A :class:`WatchedFs` is one configured mount: its device, the map from device bytes to
 the virtual disk (:mod:`vmreclaim.agent.devices`), the disk identity it reports, and a
