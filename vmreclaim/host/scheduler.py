@@ -199,8 +199,22 @@ class Scheduler:
                     self._evaluate(rt, vms, book, now, mono)
             await asyncio.sleep(DECIDE_COALESCE_SECONDS)
 
+    def force(self, key: str) -> None:
+        """Reclaim disk ``key``'s pending ranges without asking the policy (the operator)."""
+        rt = self.disks.get(key)
+        if rt is not None:
+            rt.forced = True
+            self.mark([key])
+
     def _evaluate(self, rt: DiskRuntime, vms: ServedVMs, book: ReclaimBook, now: float, mono: float) -> None:
+        if not rt.pending:
+            rt.forced = False
         if self._stopping or rt.busy or not rt.pending or mono < rt.retry_at:
+            return
+        if rt.forced:
+            rt.last_decision = Decision(True, "the operator asked (vmreclaim reclaim)")
+            rt.busy = True
+            self._spawn(self._reclaim(rt, vms, book), f"reclaim:{rt.disk.key}")
             return
         try:
             # A named image (rbd:...) answers through its driver: the pool's usage.
