@@ -17,16 +17,16 @@ from vmreclaim.cli import output
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("reclaim", help="ask the running daemon to reconcile a VM now and reclaim")
-    p.add_argument("vm", metavar="VM")
+    p.add_argument("vm", metavar="VM", help="the VM to reconcile and reclaim, by name")
     p.add_argument("--disk", metavar="ID", default=None, help="only this disk of the VM")
     p.add_argument("--dry-run", action="store_true", help="only say what is reclaimable")
     p.add_argument("--wait", action="store_true", help="return when the reclaim is done")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("--config", type=Path, default=None, help="host config (for its sockets)")
     p.set_defaults(func=cmd_reclaim)
 
     p = sub.add_parser("report", help="per VM and disk: allocated, reclaimable, pending, freed")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("--config", type=Path, default=None, help="host config (for its sockets)")
     p.set_defaults(func=cmd_report)
 
