@@ -102,7 +102,7 @@ def host_side(lines_path: Path, qcow2: Path, disk_size: int) -> dict[str, float]
     import asyncio
 
     from vmreclaim.core import protocol as p
-    from vmreclaim.core.image import open_image
+    from vmreclaim.core.opening import open_image
     from vmreclaim.host.reconcile import FreeSpaceCollector, intersect
 
     async def decode() -> tuple[float, object]:

@@ -28,7 +28,7 @@ from hosttest import AgentProcess, MiB, data_ranges, extents
 from tests.reconcile.test_parts import dumpe2fs_free
 from vmreclaim.agent import linux
 from vmreclaim.core.extents import ExtentKind
-from vmreclaim.core.image import open_image
+from vmreclaim.core.opening import open_image
 from vmreclaim.core.ranges import RangeSet
 from vmreclaim.testing import require_root, require_tool, run
 from vmreclaim.testing.host import HostProcess, static_vm

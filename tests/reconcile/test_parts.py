@@ -19,7 +19,7 @@ from vmreclaim.agent.reconcile import free_space_of, reconcile_disk
 from vmreclaim.agent.watched import WatchedFs
 from vmreclaim.core import freespace
 from vmreclaim.core.config import FilesystemEntry
-from vmreclaim.core.image import open_image
+from vmreclaim.core.opening import open_image
 from vmreclaim.core.pipeline import Pipeline
 from vmreclaim.core.ranges import RangeSet
 from vmreclaim.host.reconcile import RECONCILE_FS, as_records, intersect

@@ -39,8 +39,8 @@ from vmreclaim.core.driver import AUTO
 from vmreclaim.core.errors import CorruptImageError, VMReclaimError
 from vmreclaim.core.filesystems import FilesystemReader, ProgressCallback, identify
 from vmreclaim.core.formats import Image
-from vmreclaim.core.image import open_image
 from vmreclaim.core.model import Disk
+from vmreclaim.core.opening import open_image
 from vmreclaim.core.pipeline import Pipeline
 from vmreclaim.core.ranges import RangeSet
 from vmreclaim.core.reclaim import ReclaimReport

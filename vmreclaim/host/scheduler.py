@@ -24,8 +24,8 @@ from typing import Any, Protocol
 from vmreclaim.core.config import ReclaimConfig
 from vmreclaim.core.errors import VMReclaimError
 from vmreclaim.core.hypervisors import VMInfo
-from vmreclaim.core.image import image_size, storage_state
 from vmreclaim.core.model import MAX_RANGES_PER_RECORD, DeletionRecord, Disk, VMIdentity
+from vmreclaim.core.opening import image_size, storage_state
 from vmreclaim.core.pipeline import Pipeline
 from vmreclaim.core.policies import Decision, DiskState, Policy
 from vmreclaim.host import budget
