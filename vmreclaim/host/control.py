@@ -17,7 +17,6 @@ Requests are bounded (64 KiB) and validated like any other input.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import socket
@@ -30,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from vmreclaim.core.errors import ChannelError, ImageBusyError, ImageError, UsageError, VMReclaimError
 from vmreclaim.host.logs import bug
+from vmreclaim.host.unixserver import UnixSocketServer
 
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
@@ -67,89 +67,47 @@ def _peer_uid(sock: socket.socket) -> int:
     return int(struct.unpack("3i", creds)[1])
 
 
-class ControlServer:
+class ControlServer(UnixSocketServer):
     """Serves control requests with ``handler`` (see the module docstring)."""
 
+    what = "control socket"
+    limit = MAX_REQUEST_BYTES
+
     def __init__(self, path: Path, handler: Handler) -> None:
-        self.path = path
+        super().__init__(path)
         self.handler = handler
-        self._server: asyncio.AbstractServer | None = None
 
-    async def start(self) -> None:
-        path = self.path
-        if path.is_socket():
-            if _answers(path):
-                raise UsageError(f"control socket {path}: another vmreclaim host daemon is listening there")
-            path.unlink()
-        elif path.exists():
-            raise UsageError(f"control socket {path}: exists and is not a socket")
-        old = os.umask(0o177)  # never a moment with a looser mode
-        try:
-            self._server = await asyncio.start_unix_server(self._handle, path, limit=MAX_REQUEST_BYTES)
-            os.chmod(path, 0o600)
-        except OSError as exc:
-            raise UsageError(f"control socket {path}: cannot listen: {exc.strerror or exc}") from exc
-        finally:
-            os.umask(old)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            sock = writer.get_extra_info("socket")
-            uid = _peer_uid(sock) if sock is not None else -1
-            if uid not in (0, os.geteuid()):
-                await _answer(
-                    writer, {"ok": False, "error": f"uid {uid} may not control this daemon", "exit": 2}
-                )
-                return
-            try:
-                line = await asyncio.wait_for(reader.readline(), 5.0)
-                request = _REQUEST.validate_json(line, strict=True)
-            except (TimeoutError, ValueError, asyncio.LimitOverrunError, ValidationError) as exc:
-                await _answer(writer, {"ok": False, "error": f"bad control request: {exc}"[:2000], "exit": 2})
-                return
-            try:
-                result = await self.handler(request)
-            except VMReclaimError as exc:
-                await _answer(writer, {"ok": False, "error": str(exc), "exit": exc.exit_code})
-                return
-            except Exception as exc:
-                bug("a control request failed", exc)
-                await _answer(writer, {"ok": False, "error": f"internal error: {exc}", "exit": 1})
-                return
-            await _answer(writer, {"ok": True, "result": result})
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    async def close(self) -> None:
-        if self._server is None:
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        uid = _peer_uid(sock) if sock is not None else -1
+        if uid not in (0, os.geteuid()):
+            await _answer(
+                writer, {"ok": False, "error": f"uid {uid} may not control this daemon", "exit": 2}
+            )
             return
-        self._server.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._server.wait_closed(), 2.0)
-        self._server = None
-        with contextlib.suppress(OSError):
-            self.path.unlink()
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5.0)
+            request = _REQUEST.validate_json(line, strict=True)
+        except (TimeoutError, ValueError, asyncio.LimitOverrunError, ValidationError) as exc:
+            await _answer(writer, {"ok": False, "error": f"bad control request: {exc}"[:2000], "exit": 2})
+            return
+        try:
+            result = await self.handler(request)
+        except VMReclaimError as exc:
+            await _answer(writer, {"ok": False, "error": str(exc), "exit": exc.exit_code})
+            return
+        except Exception as exc:
+            bug("a control request failed", exc)
+            await _answer(writer, {"ok": False, "error": f"internal error: {exc}", "exit": 1})
+            return
+        await _answer(writer, {"ok": True, "result": result})
+
+
 
 
 async def _answer(writer: asyncio.StreamWriter, doc: dict[str, Any]) -> None:
     writer.write(json.dumps(doc).encode() + b"\n")
     await writer.drain()
-
-
-def _answers(path: Path) -> bool:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(1.0)
-    try:
-        sock.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        sock.close()
 
 
 #: The daemon's refusal comes back as the error class of its exit code.

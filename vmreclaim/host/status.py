@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmreclaim import __version__
-from vmreclaim.core.errors import ChannelError, DaemonUnavailableError, UsageError
+from vmreclaim.core.errors import ChannelError, DaemonUnavailableError
+from vmreclaim.host.unixserver import UnixSocketServer
 
 if TYPE_CHECKING:
     # Types only: ``vmreclaim status`` (the client below) need not load the daemon's
@@ -104,67 +105,22 @@ def query_status(path: str | os.PathLike[str], timeout: float = 10.0) -> dict[st
     return doc
 
 
-class StatusServer:
+class StatusServer(UnixSocketServer):
     """Answers every connection on the status socket with ``document()``."""
 
+    what = "status_socket"
+
     def __init__(self, path: Path, document: Callable[[], Awaitable[dict[str, Any]]]) -> None:
-        self.path = path
+        super().__init__(path)
         self.document = document
-        self._server: asyncio.AbstractServer | None = None
 
-    async def start(self) -> None:
-        path = self.path
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"status_socket {path}: cannot create its directory: {exc.strerror}") from exc
-        if path.is_socket() or path.exists():
-            if _answers(path):
-                raise UsageError(f"status_socket {path}: another vmreclaim host daemon is listening there")
-            if not path.is_socket():
-                raise UsageError(f"status_socket {path}: exists and is not a socket")
-            path.unlink()
-        try:
-            self._server = await asyncio.start_unix_server(self._handle, path)
-            os.chmod(path, 0o600)
-        except OSError as exc:
-            raise UsageError(f"status_socket {path}: cannot listen: {exc.strerror or exc}") from exc
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(TimeoutError, ValueError, asyncio.IncompleteReadError):
+            await asyncio.wait_for(reader.readline(), 2.0)
+        doc = await self.document()
+        writer.write(json.dumps(doc).encode() + b"\n")
+        await writer.drain()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            with contextlib.suppress(TimeoutError, ValueError, asyncio.IncompleteReadError):
-                await asyncio.wait_for(reader.readline(), 2.0)
-            doc = await self.document()
-            writer.write(json.dumps(doc).encode() + b"\n")
-            await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    async def close(self) -> None:
-        if self._server is None:
-            return  # never listened: the socket there (if any) is someone else's
-        self._server.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._server.wait_closed(), 2.0)
-        self._server = None
-        with contextlib.suppress(OSError):
-            self.path.unlink()
-
-
-def _answers(path: Path) -> bool:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(1.0)
-    try:
-        sock.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        sock.close()
 
 
 # -- the document ----------------------------------------------------------------------------
