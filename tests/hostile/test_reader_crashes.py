@@ -1,7 +1,7 @@
 """Hostile filesystem metadata must be refused (exit 4), never crash the reader (exit 1).
 
 Findings of the attack on issue 11's fixes that lie in readers other engineers still
-edit: marked ``xfail(strict=True)`` with the precise problem, to pass once fixed.
+edit (fixed since: every offset of an NTFS attribute is checked against its length).
 """
 
 from __future__ import annotations
@@ -10,20 +10,12 @@ import hashlib
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from vmreclaim.cli import main
 from vmreclaim.testing import require_tool
 
 MIB = 1024 * 1024
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="plugins/filesystems/ntfs.py free_space: a non-resident attribute shorter than 34 "
-    "bytes (one bit flipped in an MFT record's attribute length) reaches "
-    "struct.unpack_from('<H', attr, 32) unchecked: struct.error, exit 1 instead of exit 4",
-)
 def test_a_short_nonresident_ntfs_attribute_is_refused_not_a_crash(tmp_path: Path) -> None:
     require_tool("mkntfs")
     img = tmp_path / "ntfs.raw"

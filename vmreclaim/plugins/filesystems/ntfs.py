@@ -152,6 +152,18 @@ class _Ntfs:
             (length,) = struct.unpack_from("<I", rec, pos + 4)
             if length < 24 or length % 8 or pos + length > in_use:
                 raise self.fail(f"MFT record {number}: attribute {kind:#x} has length {length}")
+            # Every offset read from an attribute later lies inside it: checked once here.
+            form = rec[pos + 8]
+            if form == 0:
+                value_len, value_ofs = struct.unpack_from("<IH", rec, pos + 16)
+                if value_ofs + value_len > length:
+                    raise self.fail(f"MFT record {number}: attribute {kind:#x} value overruns it")
+            elif form == 1 and length >= 64:
+                (pairs_ofs,) = struct.unpack_from("<H", rec, pos + 32)
+                if not 64 <= pairs_ofs <= length:
+                    raise self.fail(f"MFT record {number}: attribute {kind:#x} runlist offset {pairs_ofs}")
+            else:
+                raise self.fail(f"MFT record {number}: attribute {kind:#x} form {form}, length {length}")
             out.append((kind, rec[pos + 9], rec[pos : pos + length]))
             pos += length
 
