@@ -12,8 +12,6 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from vmreclaim.cli import main
 from vmreclaim.testing import require_tool, run
 
@@ -32,12 +30,6 @@ def debugfs(img: Path, *requests: str, write: bool = False) -> str:
     return proc.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="plugins/filesystems/ext.py trusts a block bitmap whose lie keeps every count "
-    "and checksum consistent (freeb of a file's 4 KiB block + setb of a free one in the same "
-    "group, ext2): sparsify punches the file's block (the limit docs/safety.md states)",
-)
 def test_a_consistently_lying_ext2_bitmap_does_not_cost_a_file_its_block(tmp_path: Path) -> None:
     require_tool("mkfs.ext2", "debugfs")
     src = tmp_path / "src"
