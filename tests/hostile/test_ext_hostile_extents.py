@@ -71,3 +71,43 @@ def test_a_hostile_extent_tree_is_refused_and_nothing_changes(
     assert rc == 4
     assert "inode 12" in capsys.readouterr().err
     assert hashlib.sha256(img.read_bytes()).hexdigest() == before
+
+
+@pytest.mark.parametrize(
+    "fstype, options",
+    [
+        ("ext4", ("-O", "inline_data,64bit", "-I", "256")),
+        ("ext4", ("-O", "bigalloc", "-C", "16384")),
+        ("ext3", ("-b", "1024")),
+        ("ext2", ("-b", "4096")),
+    ],
+)
+def test_the_inode_walk_accepts_healthy_shapes(tmp_path: Path, fstype: str, options: tuple[str, ...]) -> None:
+    """Inline data, fast and slow symlinks, device nodes, xattr blocks, deep indirect maps,
+    a journal and a resize inode name nothing the bitmap calls free: no refusal."""
+    require_tool(f"mkfs.{fstype}", "debugfs")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "tiny").write_bytes(b"x" * 40)  # inline under inline_data
+    (src / "big.bin").write_bytes(os.urandom(6 * MIB))  # double indirect with 1 KiB blocks
+    (src / "sparse.bin").write_bytes(b"")
+    with open(src / "sparse.bin", "r+b") as f:
+        f.seek(5 * MIB)
+        f.write(b"end")
+    os.symlink("t", src / "fast")
+    os.symlink("x" * 200, src / "slow")
+    os.mkfifo(src / "fifo")
+    img = tmp_path / "disk.raw"
+    with open(img, "wb") as f:
+        f.truncate(64 * MIB)
+    run([f"mkfs.{fstype}", "-q", "-F", *options, "-d", str(src), str(img)])
+    value = tmp_path / "value"
+    value.write_bytes(b"v" * 3000)  # too big for the inode: goes to an xattr block
+    run(["debugfs", "-w", "-R", f"ea_set -f {value} big.bin user.big", str(img)])
+    run(["debugfs", "-w", "-R", "mknod dev c 1 3", str(img)])
+    out = tmp_path / "out.bin"
+    run(["debugfs", "-R", f"dump big.bin {out}", str(img)])
+    before = hashlib.sha256(out.read_bytes()).hexdigest()
+    assert main(["image", "sparsify", "--format", "raw", str(img)]) == 0
+    run(["debugfs", "-R", f"dump big.bin {out}", str(img)])
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == before

@@ -229,7 +229,7 @@ def _in_use_inodes(layout: LayoutLike) -> list[tuple[int, bytes]]:
         live = np.full(layout.groups, ipg, dtype=np.int64)
         groups = np.arange(layout.groups)
     out: list[tuple[int, bytes]] = []
-    bitmaps = layout._read_blocks(layout.inode_bitmap[groups].astype(np.int64), ipg // 8 or 1, "inode bitmap")
+    bitmaps = layout._read_blocks(layout.inode_bitmap[groups].astype(np.int64), -(-ipg // 8), "inode bitmap")
     for row, g in enumerate(groups.tolist()):
         used = np.unpackbits(bitmaps[row], bitorder="little")[: int(live[g])]
         index = np.flatnonzero(used)
