@@ -1,8 +1,8 @@
 """An ext2 block bitmap that lies consistently: one block of a file marked free and one
 free block marked used in the same group, so the group's count, the superblock total
-and (ext2 has none) checksums all agree. docs/safety.md states this limit; this test
-keeps it visible: the property "sparsify refuses or every file's content is unchanged"
-does not hold until the reader walks the inodes (or checks blocks against them).
+and (ext2 has none) checksums all agree. Only the inode that still names the block can
+tell: the reader's inode walk (plugins/filesystems/ext_inodes.py) must refuse, so the
+property "sparsify refuses or every file's content is unchanged" holds.
 """
 
 from __future__ import annotations
