@@ -73,7 +73,7 @@ def _run(*args: str | os.PathLike[str]) -> None:
 
 def make_seeds(work: Path) -> list[Seed]:
     """Build the seed images in ``work`` (QEMU's tools plus the VHD specification)."""
-    from vmreclaim.core.image import open_image
+    from vmreclaim.core.opening import open_image
 
     seeds: list[tuple[str, Path, str]] = []
 
@@ -140,7 +140,7 @@ def _qcow2_meta(image: object) -> object:
 def _differencing(work: Path, parent: Path) -> Path:
     """A differencing VHD laid out by hand (QEMU cannot make one): one block, half its
     sectors present, a relative parent locator."""
-    from vmreclaim.core.image import open_image
+    from vmreclaim.core.opening import open_image
 
     with open_image(parent, "vhd") as p:
         size, uid = p.virtual_size, p.footer.unique_id  # type: ignore[attr-defined]
@@ -238,7 +238,7 @@ def _reseal(data: bytearray, seed: Seed) -> None:
 
 def exercise(path: Path, fmt: str, rng: random.Random) -> None:
     """Everything an offline command does to an image, short of punching it."""
-    from vmreclaim.core.image import open_image
+    from vmreclaim.core.opening import open_image
     from vmreclaim.core.ranges import ByteRange, RangeSet
     from vmreclaim.core.reclaim import plan_reclaim
 

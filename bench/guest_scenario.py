@@ -85,6 +85,7 @@ def run_scenario(
     libvirt_uri: str = "qemu:///system",
     checker_interval: float = 0.05,
     settle_seconds: float = 0.0,
+    churn_rounds: int = 0,
 ) -> ScenarioResult:
     """Boot a guest with one ext4 data disk of ``fmt``, write ``n_files`` files of
     ``file_mib`` MiB while a checker process rewrites and verifies files of its own,
@@ -94,7 +95,9 @@ def run_scenario(
     with the ``backend`` hypervisor driver on the host), ``fstrim`` or
     ``discard-mount``. ``discard`` (default: on for qcow2 and the two guest-side
     modes) sets the disk's discard=unmap. Waiting stops once ``target`` of the deleted
-    bytes are freed or after ``bound_seconds``.
+    bytes are freed or after ``bound_seconds``. ``churn_rounds`` short-lived 32 MiB files
+    are written, synced and deleted at once before the victims are deleted: the image
+    gives the victims back only if the churn's space came back as well.
     """
 
     if mode not in MODES:
@@ -108,12 +111,13 @@ def run_scenario(
         discard = mode != "vmreclaim" or fmt == "qcow2"
     port = GuestPort(workdir / "channel.sock")
     mount_opts = "-o discard" if mode == "discard-mount" else ""
+    fstrim_flag = "--fstrim" if mode == "fstrim" else ""
     agent = mode == "vmreclaim"
     script = f"""
 mkdir -p /mnt/d0 /var/lib/vmreclaim-agent
 mount -t ext4 {mount_opts} /dev/vda /mnt/d0 || exit 10
 {"$PYTHON -m vmreclaim agent --config /xfer/agent.yaml > /xfer/agent.log 2>&1 & AGENT=$!" if agent else ""}
-$PYTHON {WORKLOAD} /mnt/d0 /xfer {n_files} {file_mib} {"--fstrim" if mode == "fstrim" else ""}
+$PYTHON {WORKLOAD} /mnt/d0 /xfer {n_files} {file_mib} {fstrim_flag} --churn {churn_rounds}
 rc=$?
 {'kill -TERM "$AGENT"; wait "$AGENT" || echo "agent exited $?"' if agent else ""}
 umount /mnt/d0 || rc=11

@@ -1,6 +1,6 @@
 """The guest side of the end-to-end test and the guest benchmark (runs *inside* the VM).
 
-Run as ``python workload.py MOUNT XFER N_FILES FILE_MIB [--fstrim]`` by the guest's
+Run as ``python workload.py MOUNT XFER N_FILES FILE_MIB [--fstrim] [--churn ROUNDS]`` by the guest's
 script. It talks to the host test through files in the ``xfer`` share:
 
 1. starts a *checker* process that writes ``K`` files of its own, then keeps rewriting
@@ -9,7 +9,10 @@ script. It talks to the host test through files in the ``xfer`` share:
 2. waits for ``XFER/go``, writes ``N_FILES`` victim files of ``FILE_MIB`` MiB of random
    data, fsyncs them and ``sync``s, and writes ``XFER/written`` (JSON: the bytes the
    files hold on disk, the seconds it took);
-3. waits for ``XFER/delete``, removes the victims, ``sync``s, and writes
+3. waits for ``XFER/delete``; with ``--churn ROUNDS``, first writes, ``sync``s and at
+   once deletes one 32 MiB file, ROUNDS times (short-lived files whose blocks were
+   allocated and freed between two of the agent's looks: only reconciliation finds
+   them); then removes the victims, ``sync``s, and writes
    ``XFER/deleted`` (JSON: bytes deleted, the guest's wall time of the deletion and,
    with ``--fstrim``, of one ``fstrim`` run right after it);
 4. waits for ``XFER/stop``, stops the checker, and writes ``XFER/checker`` (JSON).
@@ -102,6 +105,7 @@ def main() -> int:
     mount, xfer = Path(sys.argv[1]), Path(sys.argv[2])
     n_files, file_mib = int(sys.argv[3]), int(sys.argv[4])
     fstrim = "--fstrim" in sys.argv[5:]
+    churn = int(sys.argv[sys.argv.index("--churn") + 1]) if "--churn" in sys.argv else 0
     interval = float(os.environ.get("CHECKER_INTERVAL", "0.05"))
     keep = 8
     pid = os.fork()
@@ -124,6 +128,13 @@ def main() -> int:
     write_seconds = time.monotonic() - started
     publish(xfer, "written", {"bytes": written, "seconds": write_seconds})
     wait_for(xfer / "delete")
+    for r in range(churn):
+        short = victims / f"churn{r}"
+        with open(short, "wb") as f:
+            for _ in range(32):
+                f.write(os.urandom(CHUNK))
+        os.sync()
+        os.unlink(short)
     started = time.monotonic()
     for i in range(n_files):
         os.unlink(victims / f"v{i}")

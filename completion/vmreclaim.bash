@@ -18,10 +18,12 @@ _vmreclaim() {
             'libvirt') path='libvirt' ;;
             'libvirt enable') path='libvirt enable' ;;
             'status') path='status' ;;
+            'reclaim') path='reclaim' ;;
+            'report') path='report' ;;
         esac
     done
     case "$path" in
-        '') subs='plugins config image host agent libvirt status'; opts='-h --help --version --debug' ;;
+        '') subs='plugins config image host agent libvirt status reclaim report'; opts='-h --help --version --debug' ;;
         'plugins') subs=''; opts='-h --help --json' ;;
         'config') subs='check'; opts='-h --help' ;;
         'config check') subs=''; opts='-h --help --kind --quiet -q --json' ;;
@@ -35,6 +37,8 @@ _vmreclaim() {
         'libvirt') subs='enable'; opts='-h --help' ;;
         'libvirt enable') subs=''; opts='-h --help --uri --name --path --dry-run --json' ;;
         'status') subs=''; opts='-h --help --json --config' ;;
+        'reclaim') subs=''; opts='-h --help --disk --dry-run --wait --json --config' ;;
+        'report') subs=''; opts='-h --help --json --config' ;;
     esac
     if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "$opts" -- "$cur"))
     elif [[ -n $subs ]]; then COMPREPLY=($(compgen -W "$subs" -- "$cur"))

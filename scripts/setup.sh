@@ -17,6 +17,7 @@ PACKAGES="
   fuse3 busybox-static cpio linux-image-amd64
   libvirt-daemon-system libvirt-dev pkg-config gcc python3-dev
   ceph-mon ceph-mgr ceph-osd ceph-common python3-rbd python3-rados
+  debootstrap
 "
 if [ "${1:-}" = "--bench" ]; then
   PACKAGES="$PACKAGES libguestfs-tools hyperfine"

@@ -226,7 +226,7 @@ def test_every_library_error_is_mapped_to_the_tree() -> None:
 def test_pool_usage_is_the_policys_storage_state(
     cluster: CephCluster, new_image: Callable[..., str]
 ) -> None:
-    from vmreclaim.core.image import storage_state
+    from vmreclaim.core.opening import storage_state
 
     name = new_image("8M", "64K")
     qemu_io(cluster.spec(name), "write -P 0xab 0 4M")

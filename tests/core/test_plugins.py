@@ -16,8 +16,8 @@ from vmreclaim import hookimpl
 from vmreclaim.cli import main
 from vmreclaim.core import hookspecs, loader
 from vmreclaim.core.errors import DriverNotFoundError, FenceError
-from vmreclaim.core.image import open_image
 from vmreclaim.core.lease import Lease
+from vmreclaim.core.opening import open_image
 from vmreclaim.core.pipeline import Pipeline
 from vmreclaim.core.plugins import Plugins
 from vmreclaim.core.policies import Decision, DiskState, Policy, StorageState

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from vmreclaim.cli import main
 from vmreclaim.core.errors import RangeError
-from vmreclaim.core.image import open_image
 from vmreclaim.core.locks import hold_for_writing
+from vmreclaim.core.opening import open_image
 from vmreclaim.core.pipeline import Pipeline
 from vmreclaim.core.ranges import RangeSet
 from vmreclaim.testing import make_disk, make_raw_image, qemu_io_holding

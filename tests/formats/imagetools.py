@@ -18,7 +18,7 @@ import numpy as np
 
 from vmreclaim.cli import main
 from vmreclaim.core.extents import ExtentKind, ExtentMap
-from vmreclaim.core.image import open_image
+from vmreclaim.core.opening import open_image
 from vmreclaim.core.ranges import ByteRange
 from vmreclaim.testing import require_tool
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from formats.imagetools import MiB, cli, qemu_img_create, qemu_io, sh
-from vmreclaim.core.image import open_image
+from vmreclaim.core.opening import open_image
 from vmreclaim.testing import require_tool
 
 pytestmark = pytest.mark.qemu

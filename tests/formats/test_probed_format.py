@@ -23,7 +23,7 @@ import pytest
 from formats.imagetools import MiB, cli, qemu_img_create, qemu_io, sh
 from vmreclaim.core.config import HostConfig, load_config
 from vmreclaim.core.errors import UnsupportedImageError
-from vmreclaim.core.image import open_image
+from vmreclaim.core.opening import open_image
 from vmreclaim.host.daemon import HostDaemon
 from vmreclaim.testing import require_tool
 from vmreclaim.testing.host import AgentPeer, host_config, static_vm

@@ -29,7 +29,7 @@ from formats.imagetools import (
 )
 from vmreclaim.core.errors import UnsupportedImageError
 from vmreclaim.core.extents import ExtentKind
-from vmreclaim.core.image import open_image
+from vmreclaim.core.opening import open_image
 from vmreclaim.core.ranges import ByteRange
 from vmreclaim.testing import require_tool
 

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from formats.imagetools import MiB, cli, qemu_img_create, qemu_io, sh
 from vmreclaim.cli import main
-from vmreclaim.core.image import open_image
+from vmreclaim.core.opening import open_image
 
 pytestmark = pytest.mark.qemu
 

@@ -33,7 +33,7 @@ from formats.imagetools import (
 from vmreclaim import hookimpl
 from vmreclaim.core.errors import ImageBusyError, UnsupportedImageError
 from vmreclaim.core.extents import ExtentKind
-from vmreclaim.core.image import open_image
+from vmreclaim.core.opening import open_image
 from vmreclaim.core.pipeline import Pipeline
 from vmreclaim.core.plugins import Plugins
 from vmreclaim.core.ranges import ByteRange, RangeSet

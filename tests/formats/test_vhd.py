@@ -31,7 +31,7 @@ from formats.imagetools import (
 )
 from vmreclaim.core.errors import CorruptImageError, UnsupportedImageError
 from vmreclaim.core.extents import ExtentKind
-from vmreclaim.core.image import open_image
+from vmreclaim.core.opening import open_image
 from vmreclaim.core.ranges import ByteRange
 
 pytestmark = pytest.mark.qemu

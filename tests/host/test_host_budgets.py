@@ -164,13 +164,18 @@ def test_guest_error_floods_are_logged_throttled_and_cut(
 def test_two_million_resends_of_one_range_keep_database_and_memory_small(
     site: Site, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The same 4 KiB range sent 2,000,000 times: all acknowledged, a handful of rows."""
+    """The same 4 KiB range resent 200,000 times: all acknowledged, a handful of rows.
+
+    Main before the budgets stored one row per resend, so this count already fails it;
+    ``VMRECLAIM_RESENDS=2000000`` repeats the issue's own figure (about a quarter of an
+    hour on a busy 2-core machine, too long for every run of the suite).
+    """
     monkeypatch.setattr(
         budget,
         "DEFAULT_LIMITS",
         budget.Limits(lines_per_second=1e9, line_burst=1e9, bytes_per_second=1e12, cpu_share=1e9),
     )
-    total = int(os.environ.get("VMRECLAIM_RESENDS", "2000000"))
+    total = int(os.environ.get("VMRECLAIM_RESENDS", "200000"))
     ch1, _ = two_vms(site)
     config = site.config(policy=HOLD)
     line = (

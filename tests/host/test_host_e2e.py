@@ -14,7 +14,7 @@ import pytest
 from hosttest import AgentProcess, MiB, Writer, allocated, data_ranges, tree_extents
 
 from vmreclaim.core.extents import ExtentKind
-from vmreclaim.core.image import open_image
+from vmreclaim.core.opening import open_image
 from vmreclaim.core.ranges import RangeSet
 from vmreclaim.testing import require_root, require_tool, run
 from vmreclaim.testing.host import HostProcess, static_vm

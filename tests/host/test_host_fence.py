@@ -400,7 +400,8 @@ def test_a_backlog_larger_than_one_fence_goes_in_several(site: Site) -> None:
     # Data in every asked range: ranges that hold nothing raise no fence at all.
     image = site.raw_disk("big.raw", size=n * 8192, data=[(int(s), 4096) for s in starts])
     channel = site.add_vm("vm1", [{"id": "disk0", "path": image, "format": "raw"}])
-    config = site.config(fence={"lease_seconds": 10.0, "margin_seconds": 1.0})
+    # 65,536 punches in one fence: a lease with room for a loaded machine.
+    config = site.config(fence={"lease_seconds": 30.0, "margin_seconds": 1.0})
 
     async def main() -> None:
         async with running(config) as daemon, AgentPeer(channel) as peer:

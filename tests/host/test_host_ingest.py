@@ -201,8 +201,13 @@ def test_handshake_refusals(site: Site) -> None:
             # A newer agent is answered in the version this host speaks.
             newer = AgentPeer(ch, version=9)
             welcome = await newer.connect()
-            assert welcome is not None and welcome.v == 1
+            assert welcome is not None and welcome.v == 2
             await newer.close()
+            # A version 1 agent is answered in version 1 (no reconciliation asked of it).
+            older = AgentPeer(ch, version=1)
+            welcome = await older.connect()
+            assert welcome is not None and welcome.v == 1
+            await older.close()
             assert daemon.vms["vm1"].rejected == 2
 
     asyncio.run(main())

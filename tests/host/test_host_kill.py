@@ -148,11 +148,23 @@ def test_sigkill_at_random_points_loses_no_acknowledged_record(tmp_path: Path) -
     assert len(progress) == 22 and progress[-1] > progress[0]  # records flowed throughout
     assert stream.connections >= 20
     stored = stored_ranges(host.database)
-    missing = [seq for seq in stream.acked if seq not in stored]
+    # An acknowledgement promises that the record's ranges are durable, not that the
+    # record has a row of its own: a resend of ranges that are already pending is
+    # acknowledged without one (docs/host.md, budgets). Every acknowledged range must be
+    # covered by the stored ones, and every stored row must be what was sent.
+    durable = RangeSet.from_ranges(
+        (int(a), int(b - a))
+        for rows in stored.values()
+        for r in rows
+        for a, b in zip(r.starts, r.ends, strict=True)
+    )
+    missing = [
+        seq for seq in stream.acked if RangeSet.from_ranges(stream.sent[seq]).subtract(durable)
+    ]
     assert not missing, f"{len(missing)} acknowledged records lost, e.g. {missing[:5]}"
-    for seq in stream.acked:
+    for seq, rows in stored.items():
         want = RangeSet.from_ranges(stream.sent[seq])
-        assert all(r == want for r in stored[seq]), seq
+        assert all(r == want for r in rows), seq
     assert len(stream.acked) == len(stream.sent) > 200
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from vmreclaim.core.errors import FenceError
-from vmreclaim.core.image import open_image
 from vmreclaim.core.lease import Lease
+from vmreclaim.core.opening import open_image
 from vmreclaim.core.pipeline import Pipeline
 from vmreclaim.core.punch import allocated_bytes, punch_holes
 from vmreclaim.core.ranges import RangeSet

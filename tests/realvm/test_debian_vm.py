@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from vmreclaim.testing import require_root, require_tool
 from vmreclaim.testing.debian_vm import DebianImage, GuestShell, build_image, build_wheelhouse, domain_xml
 from vmreclaim.testing.host import HostProcess
 
-pytestmark = [pytest.mark.realvm, pytest.mark.kvm, pytest.mark.timeout(3600)]
+pytestmark = [pytest.mark.realvm, pytest.mark.timeout(3600)]
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -89,16 +90,18 @@ print(json.dumps({"partition_start": part, "extents": found}))
 WRITER_SCRIPT = r"""
 import os, time, json
 fd = os.open("/var/tmp/writer.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-last, worst, n = time.monotonic(), 0.0, 0
+last, worst, n, slow = time.monotonic(), 0.0, 0, []
 while not os.path.exists("/run/writer.stop"):
     os.write(fd, b"x" * 4096)
     n += 1
     if n % 2560 == 0:
         os.lseek(fd, 0, 0)
     now = time.monotonic()
+    if now - last > 0.1:
+        slow.append([time.time(), now - last])
     worst, last = max(worst, now - last), now
     time.sleep(0.01)
-json.dump({"worst_gap_seconds": worst, "writes": n}, open("/run/writer.result", "w"))
+json.dump({"worst_gap_seconds": worst, "writes": n, "slow": slow}, open("/run/writer.result", "w"))
 """
 
 
@@ -276,9 +279,10 @@ def test_big_file_comes_back(vm: RealVM) -> None:
 
 
 def test_tree_of_small_files_comes_back(vm: RealVM) -> None:
+    # One process for the 2,000 files: a shell loop of `head` takes minutes under TCG.
     make = (
-        "mkdir -p /root/tree && cd /root/tree && for d in $(seq 20); do mkdir $d; "
-        "for f in $(seq 100); do head -c 16384 /dev/urandom > $d/$f; done; done"
+        'python3 -c \'import os\nfor d in range(20):\n os.makedirs(f"/root/tree/{d}")\n'
+        ' for f in range(100):\n  open(f"/root/tree/{d}/{f}", "wb").write(os.urandom(16384))\''
     )
     _delete_and_measure(vm, make, "/root/tree", "tree_2000_files_16KiB")
 
@@ -308,11 +312,24 @@ def test_writer_stall_under_fences_is_short(vm: RealVM) -> None:
     )
     result = json.loads(vm.shell.run("cat /run/writer.result"))
     assert vm.host is not None
-    fences = [float(m) for m in re.findall(r"fence\.released .*?seconds=([0-9.]+)", vm.host.logs())]
+    # Each fence as a wall-clock window on the host: from its request to its release.
+    windows = []
+    for stamp, seconds in re.findall(
+        r"^(\S+) DEBUG fence\.released .*?seconds=([0-9.]+)", vm.host.logs(), re.M
+    ):
+        end = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+        windows.append((end - float(seconds), end))
+    assert windows, "no fence was raised: the root filesystem was never host-punched"
+    # A stall counts when it overlaps a fence (0.5 s allowed for the guest's clock).
+    during = [
+        gap for end, gap in result["slow"] for lo, hi in windows if end - gap < hi + 0.5 and end > lo - 0.5
+    ]
     vm.record("writer_worst_gap_seconds", round(result["worst_gap_seconds"], 3))
-    vm.record("fences", {"count": len(fences), "longest_seconds": max(fences, default=0.0)})
-    assert fences, "no fence was raised: the root filesystem was never host-punched"
-    assert result["worst_gap_seconds"] < 1.0, result
+    vm.record("writer_worst_gap_during_fences_seconds", round(max(during, default=0.0), 3))
+    vm.record(
+        "fences", {"count": len(windows), "longest_seconds": round(max(h - lo for lo, h in windows), 3)}
+    )
+    assert max(during, default=0.0) < 1.0, result
 
 
 def test_kill_daemon_mid_fence_loses_nothing(vm: RealVM) -> None:
@@ -343,13 +360,21 @@ def test_kill_daemon_mid_fence_loses_nothing(vm: RealVM) -> None:
 
 
 def test_image_and_filesystem_clean_after_shutdown(vm: RealVM) -> None:
-    keep_sum = vm.shell.run("cat /run/keep.sum").split()[0]
-    with contextlib.suppress(Exception):
-        vm.shell.command("guest-shutdown", timeout=5)  # no reply: the guest goes away
-    deadline = time.monotonic() + 180
+    # Files whose content is checked offline: one written now, and the one kept through
+    # the daemon's kill -9 (when that test ran).
+    sums = vm.shell.run(
+        "head -c 8M /dev/urandom > /root/final && sync && sha256sum /root/final; "
+        "cat /run/keep.sum 2>/dev/null; true"
+    )
+    expected = {path: digest for digest, path in (line.split() for line in sums.splitlines() if line)}
+    # An orderly shutdown from inside, as `shutdown -h now` would (qemu-ga's own
+    # guest-shutdown did not power the guest off here).
+    vm.shell.spawn("systemctl poweroff")
+    started = time.monotonic()
     while vm.domain.isActive():
-        assert time.monotonic() < deadline, "guest did not power off"
+        assert time.monotonic() - started < 300, "guest did not power off"
         time.sleep(0.5)
+    vm.record("shutdown_seconds", round(time.monotonic() - started, 1))
     assert vm.host is not None
     vm.host.stop()
     subprocess.run(["qemu-img", "check", "-f", "qcow2", str(vm.disk)], check=True, capture_output=True)
@@ -364,9 +389,9 @@ def test_image_and_filesystem_clean_after_shutdown(vm: RealVM) -> None:
     subprocess.run(["qemu-img", "convert", "-O", "raw", "--image-opts", opts, str(part)], check=True)
     fsck = subprocess.run(["e2fsck", "-fn", str(part)], capture_output=True, text=True, check=False)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
-    # The file kept through the kill reads back as written, offline too.
-    dump = subprocess.run(
-        ["debugfs", "-R", "cat /root/keep", str(part)], capture_output=True, check=True
-    ).stdout
-    assert hashlib.sha256(dump).hexdigest() == keep_sum
+    for path, digest in expected.items():
+        dump = subprocess.run(
+            ["debugfs", "-R", f"cat {path}", str(part)], capture_output=True, check=True
+        ).stdout
+        assert hashlib.sha256(dump).hexdigest() == digest, path
     part.unlink()

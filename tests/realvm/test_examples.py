@@ -39,7 +39,14 @@ def test_every_transport_has_an_agent_example() -> None:
     assert drivers == {"unix", "virtio-serial", "vsock", "tcp"}
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[f"{p.parent.name}/{p.name}" for p in CONFIGS])
+def _param(path: Path) -> object:
+    """Host configs of a driver with an extra also run in that extra's tox env."""
+    mark = {"libvirt": pytest.mark.kvm, "xen": pytest.mark.xen}.get(path.parent.name)
+    marks = [mark] if mark is not None and path.name == "host.yaml" else []
+    return pytest.param(path, marks=marks, id=f"{path.parent.name}/{path.name}")
+
+
+@pytest.mark.parametrize("path", [_param(p) for p in CONFIGS])
 def test_example_passes_config_check(path: Path) -> None:
     doc = yaml.safe_load(path.read_text())
     driver = doc.get("hypervisor", {}).get("driver")

@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 from vmreclaim.cli import main
 from vmreclaim.core.errors import VMReclaimError
 from vmreclaim.core.filesystems import identify
-from vmreclaim.core.image import open_image
 from vmreclaim.core.lvm import lvm_crc, parse
+from vmreclaim.core.opening import open_image
 from vmreclaim.core.volumes import Volume, scan_volumes
 from vmreclaim.testing import require_root, require_tool, run
 

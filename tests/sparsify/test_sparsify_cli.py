@@ -122,13 +122,23 @@ def test_hibernated_swap_is_skipped_with_its_reason(tmp_path: Path) -> None:
 
 
 def test_busy_image_is_refused_with_exit_3(ext4_disk: GuestDisk) -> None:
+    """Punching a busy image is refused; a dry run gives an estimate, labelled as one."""
     before = ext4_disk.path.read_bytes(), allocated(ext4_disk.path)
+    exact = json.loads(cli(str(ext4_disk.path), "--json", "--dry-run").stdout)
+    assert exact["estimate"] is False
     with qemu_io_holding(ext4_disk.path, "raw"):
-        for extra in ([], ["--dry-run"]):
-            proc = cli(str(ext4_disk.path), "--json", *extra)
-            assert proc.returncode == 3, proc.stderr
-            assert "busy" in proc.stderr and str(ext4_disk.path) in proc.stderr
-            assert proc.stdout == ""
+        proc = cli(str(ext4_disk.path), "--json")
+        assert proc.returncode == 3, proc.stderr
+        assert "busy" in proc.stderr and str(ext4_disk.path) in proc.stderr
+        assert proc.stdout == ""
+        proc = cli(str(ext4_disk.path), "--json", "--dry-run")
+        assert proc.returncode == 0, proc.stderr
+        doc = json.loads(proc.stdout)
+        assert doc["estimate"] is True and doc["dry_run"] is True and doc["freed_bytes"] == 0
+        # The filesystem is quiet, so the estimate is the exact answer here.
+        assert doc["free_bytes"] == exact["free_bytes"] and doc["punched_bytes"] == exact["punched_bytes"]
+        human = cli(str(ext4_disk.path), "--dry-run")
+        assert human.returncode == 0 and "ESTIMATE" in human.stdout
     assert (ext4_disk.path.read_bytes(), allocated(ext4_disk.path)) == before
 
 

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vmreclaim.core.errors import CorruptImageError, VMReclaimError
-from vmreclaim.core.image import open_image
+from vmreclaim.core.opening import open_image
 from vmreclaim.core.volumes import Volume, scan_volumes
 from vmreclaim.testing import require_root, require_tool, run
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from vmreclaim.cli import main
 from vmreclaim.core.errors import VMReclaimError
 from vmreclaim.core.filesystems import identify
-from vmreclaim.core.image import open_image
+from vmreclaim.core.opening import open_image
 from vmreclaim.core.ranges import RangeSet
 from vmreclaim.core.volumes import scan_volumes
 from vmreclaim.testing import require_root, require_tool, run

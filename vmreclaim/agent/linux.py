@@ -78,6 +78,10 @@ _FSMAP_RECS = 192
 _FSMAP_KEY = struct.Struct("=IIQQQQ24x")
 #: Records fetched per GETFSMAP call (64 KiB of buffer).
 FSMAP_BATCH = 1024
+#: Records per call for a whole filesystem (reconciliation; 8 MiB of buffer): ext4 redoes
+#: its per-call setup (every group's fixed metadata) on each call, so on a fragmented
+#: 1 TiB filesystem 1024 records a call cost 7x the time of 131,072.
+FSMAP_WHOLE_BATCH = 131072
 _U64 = 2**64 - 1
 
 
@@ -96,7 +100,7 @@ def fsmap_missing(fd: int, device: int) -> str | None:
     return None
 
 
-def free_space(fd: int, device: int, start: int, end: int) -> RangeSet:
+def free_space(fd: int, device: int, start: int, end: int, *, batch: int = FSMAP_BATCH) -> RangeSet:
     """Free byte ranges of the filesystem's data device within ``[start, end)``.
 
     ``device`` is the data device's ``dev_t`` (``os.fstat(fd).st_dev``). Both keys must
@@ -106,8 +110,8 @@ def free_space(fd: int, device: int, start: int, end: int) -> RangeSet:
     """
     if end <= start:
         return RangeSet()
-    buf = bytearray(_FSMAP_RECS + FSMAP_BATCH * FSMAP_DTYPE.itemsize)
-    struct.pack_into("=IIII", buf, 0, 0, 0, FSMAP_BATCH, 0)
+    buf = bytearray(_FSMAP_RECS + batch * FSMAP_DTYPE.itemsize)
+    struct.pack_into("=IIII", buf, 0, 0, 0, batch, 0)
     _FSMAP_KEY.pack_into(buf, _FSMAP_HEAD, device, 0, start, 0, 0, 0)
     _FSMAP_KEY.pack_into(buf, _FSMAP_HEAD + 64, device, 0xFFFFFFFF, end, _U64, _U64, 0)
     starts: list[npt.NDArray[np.uint64]] = []

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vmreclaim import __version__
-from vmreclaim.agent import linux
+from vmreclaim.agent import linux, reconcile
 from vmreclaim.agent.fence import FenceKeeper, FenceState, Guardian
 from vmreclaim.agent.logs import HoldingHandler
 from vmreclaim.agent.session import Session
@@ -288,6 +288,10 @@ class Agent:
 
     async def trim(self, disk: str, ranges: RangeSet) -> tuple[int, str | None]:
         return await asyncio.to_thread(self._trim, self.disks[disk], ranges)
+
+    async def free_space(self, request: p.Reconcile) -> list[p.FreeSpace]:
+        # A worker thread: GETFSMAP of a whole fragmented filesystem takes seconds.
+        return await asyncio.to_thread(reconcile.answer, request, self.disks.get(request.disk), self.pipeline)
 
     def _trim(self, fss: list[WatchedFs], ranges: RangeSet) -> tuple[int, str | None]:
         total = 0

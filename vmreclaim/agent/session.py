@@ -95,6 +95,10 @@ class AgentLink(Protocol):
         """FITRIM ``ranges`` (bytes of ``disk``): bytes the kernel reports, and errors."""
         ...
 
+    async def free_space(self, request: p.Reconcile) -> list[p.FreeSpace]:
+        """The ``free_space`` answer to a ``reconcile`` (never raises: errors are answered)."""
+        ...
+
 
 class Session:
     """The agent's side of one connection."""
@@ -134,10 +138,11 @@ class Session:
             welcome = await asyncio.wait_for(self._await_welcome(), WELCOME_TIMEOUT)
             if welcome is None:
                 return
-            if welcome.v != p.PROTOCOL_VERSION:
+            if not p.MIN_PROTOCOL_VERSION <= welcome.v <= p.PROTOCOL_VERSION:
                 log.error(
-                    "host speaks protocol version %d, this agent %d: disconnecting",
+                    "host speaks protocol version %d, this agent %d to %d: disconnecting",
                     welcome.v,
+                    p.MIN_PROTOCOL_VERSION,
                     p.PROTOCOL_VERSION,
                 )
                 return
@@ -217,6 +222,8 @@ class Session:
             self._release(msg)
         elif isinstance(msg, p.Trim):
             self._spawn(self._trim(msg))
+        elif isinstance(msg, p.Reconcile):
+            self._spawn(self._reconcile(msg))
         elif isinstance(msg, p.Ping):
             self.send(p.Pong(nonce=msg.nonce))
         elif isinstance(msg, p.Error):
@@ -294,6 +301,11 @@ class Session:
             return
         trimmed, failed = await agent.trim(msg.disk, p.pairs_to_ranges(msg.ranges))
         self.send(p.TrimDone(fence=msg.fence, trimmed_bytes=trimmed, error=failed))
+
+    async def _reconcile(self, msg: p.Reconcile) -> None:
+        for message in await self.agent.free_space(msg):
+            self.send(message)
+            await self.writer.drain()
 
 
 def _ref(msg: Any) -> str:

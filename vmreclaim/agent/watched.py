@@ -117,9 +117,9 @@ class WatchedFs:
     def size(self) -> int:
         return self.diskmap.device_size if self.diskmap is not None else 0
 
-    def free_space(self, window: ByteRange | None = None) -> RangeSet:
+    def free_space(self, window: ByteRange | None = None, *, batch: int = linux.FSMAP_BATCH) -> RangeSet:
         window = window or ByteRange(0, self.size)
-        return linux.free_space(self.fd, self.dev, window.start, window.end)
+        return linux.free_space(self.fd, self.dev, window.start, window.end, batch=batch)
 
     def file_extents(self, path: Path) -> FileExtents | None:
         try:
@@ -191,7 +191,14 @@ class Verified:
     found: RangeSet
 
 
-def verify(fs: WatchedFs, candidates: RangeSet, pipeline: Pipeline, *, frozen: bool = False) -> Verified:
+def verify(
+    fs: WatchedFs,
+    candidates: RangeSet,
+    pipeline: Pipeline,
+    *,
+    frozen: bool = False,
+    batch: int = linux.FSMAP_BATCH,
+) -> Verified:
     """Which candidates are free and committed (see the module docstring)."""
     candidates = candidates.clip(ByteRange(0, fs.size))
     window = candidates.bounds
@@ -199,7 +206,7 @@ def verify(fs: WatchedFs, candidates: RangeSet, pipeline: Pipeline, *, frozen: b
         return Verified(window, RangeSet(), RangeSet())
     if not frozen:
         fs.commit()
-    free = fs.free_space(window)
+    free = fs.free_space(window, batch=batch)
     if not frozen:
         linux.syncfs(fs.fd)
     found = pipeline.verified(str(fs.entry.mount), fs.device, free.intersect(candidates))

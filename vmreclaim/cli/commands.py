@@ -112,7 +112,7 @@ def _disk_paths(node: Any, loc: tuple[str, ...]) -> list[tuple[str, Path]]:
 
 
 def cmd_image_info(args: argparse.Namespace) -> int:
-    from vmreclaim.core.image import open_image
+    from vmreclaim.core.opening import open_image
 
     with open_image(args.image, args.format, writing=False) as image:
         info = image.info()
@@ -126,7 +126,7 @@ def cmd_image_info(args: argparse.Namespace) -> int:
 
 
 def cmd_image_map(args: argparse.Namespace) -> int:
-    from vmreclaim.core.image import open_image
+    from vmreclaim.core.opening import open_image
     from vmreclaim.core.ranges import ByteRange
 
     with open_image(args.image, args.format, writing=False) as image:
@@ -146,8 +146,8 @@ def cmd_image_map(args: argparse.Namespace) -> int:
 
 
 def cmd_image_reclaim(args: argparse.Namespace) -> int:
-    from vmreclaim.core.image import open_image
     from vmreclaim.core.model import Disk
+    from vmreclaim.core.opening import open_image
     from vmreclaim.core.pipeline import Pipeline
 
     ranges = requested_ranges(args)

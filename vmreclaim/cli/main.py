@@ -22,6 +22,7 @@ from typing import NoReturn
 from vmreclaim import __version__
 from vmreclaim.cli import commands as cmd
 from vmreclaim.cli import output
+from vmreclaim.cli import reconcile as reconcile_commands
 from vmreclaim.cli.ranges import non_negative
 from vmreclaim.core.commands import COMMAND_DEST, CommandOutput
 from vmreclaim.core.driver import AUTO
@@ -160,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the daemon's status document as JSON")
     p.add_argument("--config", type=Path, default=None, help="host config (for its status_socket)")
     p.set_defaults(func=cmd.cmd_status)
+    reconcile_commands.add_commands(sub)
     return parser
 
 

@@ -110,6 +110,12 @@ def print_sparsify(report: SparsifyReport) -> None:
     if not report.dry_run:
         line += f", freed {human_bytes(report.freed_bytes)} of host storage"
     out.print(f"{line} in {report.seconds:.2f} s")
+    if report.estimate:
+        out.print(
+            "ESTIMATE: the image is in use (a writer holds it); its filesystems were read as "
+            "they stand on disk, which lags a mounted filesystem. Nothing was changed; stop the "
+            "VM for exact numbers, or use `vmreclaim reclaim VM --dry-run` with an agent."
+        )
     for reason, n in sorted(report.not_punched.items()):
         why = _REASONS.get(reason, reason)
         out.print(f"  free but not punched: {human_bytes(n)} {why}")

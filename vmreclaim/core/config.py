@@ -118,6 +118,20 @@ class ReclaimConfig(StrictModel):
     rescan_seconds: float = Field(default=30.0, gt=0)
 
 
+class ReconcileConfig(StrictModel):
+    """When the host asks an agent for its disks' whole free space (issue 13)."""
+
+    enabled: bool = True
+    #: A disk is reconciled at least this often while its agent is connected.
+    interval_seconds: float = Field(default=3600.0, gt=0)
+    #: ... and as soon as its image's allocated bytes grew by more than this since then.
+    growth_bytes: int = Field(default=16 * 1024 * 1024, ge=0)
+    #: ... but never more often than this (the operator's request excepted).
+    min_gap_seconds: float = Field(default=15.0, ge=0)
+    #: How long the host waits for the whole answer (and ``reclaim --wait`` for the punch).
+    timeout_seconds: float = Field(default=300.0, gt=0, le=3600)
+
+
 class HostConfig(StrictModel):
     """``vmreclaim host --config FILE`` (DESIGN.md section 6)."""
 
@@ -128,6 +142,7 @@ class HostConfig(StrictModel):
     metrics: MetricsConfig | None = None
     fence: FenceConfig = Field(default_factory=FenceConfig)
     reclaim: ReclaimConfig = Field(default_factory=ReclaimConfig)
+    reconcile: ReconcileConfig = Field(default_factory=ReconcileConfig)
     log_level: str = Field(default="info", pattern="^(debug|info|warning|error)$")
     #: ``text``: one ``key=value`` line per event; ``json``: one JSON object per line.
     log_format: str = Field(default="text", pattern="^(text|json)$")

@@ -91,7 +91,12 @@ class FilesystemReader(Driver):
         """
 
     def free_space(
-        self, volume: Volume, detection: Detection, progress: ProgressCallback | None = None
+        self,
+        volume: Volume,
+        detection: Detection,
+        progress: ProgressCallback | None = None,
+        *,
+        estimate: bool = False,
     ) -> FreeSpace:
         """The free byte ranges of the filesystem (capability ``free_space``).
 
@@ -100,6 +105,12 @@ class FilesystemReader(Driver):
         free (no journal replay pending). Raise an
         :class:`~vmreclaim.core.errors.ImageError` naming the structure when that
         cannot be established; nothing is punched then.
+
+        ``estimate``: nothing will be punched (a dry run of an image in use): a driver
+        may then read structures that are only stale — a journal to replay, an unclean
+        unmount — rather than refuse; never structures that are inconsistent.
+
+        .. versionchanged:: 0.1 ``estimate``
         """
         raise UnsupportedImageError(
             f"{volume.image.file.path}: {volume.label}: {detection.type}: "

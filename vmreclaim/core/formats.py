@@ -42,7 +42,7 @@ from vmreclaim.core.errors import CorruptImageError, ImageError, UnsupportedImag
 from vmreclaim.core.extents import ExtentKind, ExtentMap
 from vmreclaim.core.lease import Lease
 from vmreclaim.core.locks import busy_reason, hold_for_writing
-from vmreclaim.core.punch import PunchResult, allocated_bytes, host_block_size, punch_holes
+from vmreclaim.core.punch import PunchResult, allocated_bytes, held_ranges, host_block_size, punch_holes
 from vmreclaim.core.ranges import ByteRange, RangeSet
 
 _BLKGETSIZE64 = 0x80081272
@@ -191,6 +191,10 @@ class ImageFile:
         """Exclusive write access for a block: yields the descriptor punches go through,
         or raises :class:`~vmreclaim.core.errors.ImageBusyError` with nothing written."""
         return hold_for_writing(self.path)
+
+    def held(self, fd: int, window: ByteRange) -> RangeSet:
+        """The byte ranges inside ``window`` that this storage holds (what a punch frees)."""
+        return held_ranges(fd, window)
 
     def punch_block_size(self, fd: int) -> int:
         """The unit a punch frees (the host filesystem's block)."""

@@ -112,15 +112,18 @@ class Pipeline:
             nullcontext(fd) if fd is not None else image.data_file.hold_for_writing()
         )
         with holder as write_fd:
+            plan = self.translate(disk, image, ranges, write_fd, lease)
             # Only bytes the file holds are punched and counted: a dry run then reports
-            # what a real run frees, and ranges punched before do not count twice.
-            plan = only_allocated(self.translate(disk, image, ranges, write_fd, lease), write_fd)
+            # what a real run frees, and ranges punched before do not count twice. The
+            # deep discard below still acts on the whole plan: a cluster whose bytes are
+            # already a hole keeps its qcow2 mapping until QEMU discards it.
+            held = only_allocated(plan, image.data_file, write_fd)
             if dry_run:
-                punched, freed = plan.punch_bytes, 0
+                punched, freed = held.punch_bytes, 0
             else:
                 if lease is not None:
                     lease.check()  # translating may have used up the lease
-                result = image.data_file.punch(write_fd, plan.punch, lease)
+                result = image.data_file.punch(write_fd, held.punch, lease)
                 image.data_file.sync(write_fd)
                 punched, freed = result.punched_bytes, result.freed_bytes
         if deep and not dry_run and plan.guest_ranges:
@@ -134,7 +137,7 @@ class Pipeline:
             requested_bytes=plan.requested_bytes,
             punched_bytes=punched,
             freed_bytes=freed,
-            skipped=plan.skipped,
+            skipped=plan.skipped if deep else held.skipped,
             dry_run=dry_run,
             mode=mode,
         )

@@ -17,12 +17,19 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from vmreclaim.core.errors import ProtocolError
+from vmreclaim.core.freespace import FreeSpace as FreeSpace
+from vmreclaim.core.freespace import Reconcile as Reconcile
 from vmreclaim.core.model import MAX_RANGES_PER_RECORD, RECORD_VERSION
 from vmreclaim.core.ranges import MAX_OFFSET, RangeSet
 from vmreclaim.core.transports import MAX_LINE_BYTES
 
-#: The protocol version this code speaks; ``hello`` and ``welcome`` carry it.
-PROTOCOL_VERSION = 1
+#: The highest protocol version this code speaks; ``hello`` and ``welcome`` carry it.
+#: Version 2 adds reconciliation (``reconcile`` / ``free_space``); both ends still speak 1.
+PROTOCOL_VERSION = 2
+#: The lowest version still spoken.
+MIN_PROTOCOL_VERSION = 1
+#: The first version with ``reconcile`` and ``free_space``.
+RECONCILE_VERSION = 2
 
 #: Every integer on the wire fits a signed 64-bit SQLite INTEGER (and numpy ``int64``):
 #: a number the database cannot take is refused here, never at commit time, where it
@@ -225,18 +232,18 @@ class Error(_Message):
 
 
 AgentMessage = Annotated[
-    Hello | RecordMessage | FenceReady | FenceRefused | Released | TrimDone | Pong | Error,
+    Hello | RecordMessage | FenceReady | FenceRefused | Released | TrimDone | Pong | FreeSpace | Error,
     Field(discriminator="type"),
 ]
 HostMessage = Annotated[
-    Welcome | Ack | Nack | Fence | Release | Trim | Ping | Error, Field(discriminator="type")
+    Welcome | Ack | Nack | Fence | Release | Trim | Ping | Reconcile | Error, Field(discriminator="type")
 ]
 
 _AGENT: TypeAdapter[Any] = TypeAdapter(AgentMessage)
 _HOST: TypeAdapter[Any] = TypeAdapter(HostMessage)
 
 
-def encode(message: _Message) -> bytes:
+def encode(message: BaseModel) -> bytes:
     """One JSON line."""
     return message.model_dump_json().encode() + b"\n"
 

@@ -21,8 +21,7 @@ import numpy as np
 
 from vmreclaim.core.errors import CorruptImageError, RangeError
 from vmreclaim.core.extents import ExtentKind, ExtentMap
-from vmreclaim.core.formats import Image
-from vmreclaim.core.punch import held_ranges
+from vmreclaim.core.formats import Image, ImageFile
 from vmreclaim.core.ranges import RangeSet, overlapping_pairs
 
 #: Reason given for data bytes that share a host block with bytes we may not punch.
@@ -79,15 +78,16 @@ class ReclaimPlan:
         return ReclaimPlan(self.requested, self.data, kept, skipped, self.block_size)
 
 
-def only_allocated(plan: ReclaimPlan, fd: int) -> ReclaimPlan:
-    """``plan`` narrowed to the host bytes the file ``fd`` (its data file) holds now.
+def only_allocated(plan: ReclaimPlan, file: ImageFile, fd: int) -> ReclaimPlan:
+    """``plan`` narrowed to the host bytes its data file ``file`` (open as ``fd``) holds now.
 
     What is left is what a punch frees: a dry run reports it, ``punched_bytes`` counts
     it, and the host daemon does not raise a fence for a request that keeps nothing.
+    ``file`` (the image's data file) answers for storage that is not a local file.
     """
     if not plan.punch:
         return plan
-    return plan.narrowed(held_ranges(fd, plan.punch.bounds), HOLE)
+    return plan.narrowed(file.held(fd, plan.punch.bounds), HOLE)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,11 @@ stages done from the host, for a VM that is shut down:
    translate/validate/align/punch/measure path as every other reclaim.
 
 With ``dry_run`` step 4 plans but does not punch, and the image is only checked for a
-writer, not locked.
+writer, not locked. A dry run of an image that a writer holds (a running VM) is an
+**estimate** (issue 13): the filesystems are read as their on-disk structures stand —
+a mounted filesystem's bitmaps lag its journal, so a block freed or taken since its last
+commit may be counted wrongly — and the report says ``estimate``. Without ``dry_run`` a
+busy image is always refused.
 """
 
 from __future__ import annotations
@@ -32,11 +36,11 @@ from typing import Any, Protocol
 
 from vmreclaim.core import loader
 from vmreclaim.core.driver import AUTO
-from vmreclaim.core.errors import CorruptImageError, ImageBusyError, VMReclaimError
+from vmreclaim.core.errors import CorruptImageError, VMReclaimError
 from vmreclaim.core.filesystems import FilesystemReader, ProgressCallback, identify
 from vmreclaim.core.formats import Image
-from vmreclaim.core.image import open_image
 from vmreclaim.core.model import Disk
+from vmreclaim.core.opening import open_image
 from vmreclaim.core.pipeline import Pipeline
 from vmreclaim.core.ranges import RangeSet
 from vmreclaim.core.reclaim import ReclaimReport
@@ -80,6 +84,8 @@ class SparsifyReport:
     freed_bytes: int
     seconds: float
     dry_run: bool = False
+    #: A dry run of an image in use: read-only and approximate (see the module docstring).
+    estimate: bool = False
     #: Free bytes that were not punched, per reason (``zero``, ``partial-block``, ...).
     not_punched: dict[str, int] = field(default_factory=dict)
 
@@ -97,6 +103,7 @@ class SparsifyReport:
             "freed_bytes": self.freed_bytes,
             "seconds": round(self.seconds, 3),
             "dry_run": self.dry_run,
+            "estimate": self.estimate,
             "skipped": [{"reason": r, "bytes": n} for r, n in sorted(self.not_punched.items())],
         }
 
@@ -121,9 +128,9 @@ def sparsify_image(
     """
     started = time.monotonic()
     bar = progress if progress is not None else _Silent()
-    with open_image(path, format) as image, _locked(image, dry_run) as fd:
+    with open_image(path, format) as image, _locked(image, dry_run) as (fd, busy):
         image.check_punchable()
-        scan = scan_free_space(image, bar.stage)
+        scan = scan_free_space(image, bar.stage, estimate=busy)
         report = _reclaim(image, scan.free, fd, dry_run, bar)
     not_punched: dict[str, int] = {}
     if report is not None:
@@ -137,29 +144,29 @@ def sparsify_image(
         freed_bytes=report.freed_bytes if report else 0,
         seconds=time.monotonic() - started,
         dry_run=dry_run,
+        estimate=busy,
         not_punched=not_punched,
     )
 
 
 @contextmanager
-def _locked(image: Image, dry_run: bool) -> Iterator[int]:
-    """QEMU's write locks on the image (and its external data file) for the whole run.
+def _locked(image: Image, dry_run: bool) -> Iterator[tuple[int, bool]]:
+    """QEMU's write locks on the image (and its external data file) for the whole run;
+    yields the descriptor to punch through and whether a writer holds the image.
 
-    A dry run writes nothing, so it only checks that no writer holds the image: a
-    report read while a VM writes would be meaningless.
+    A dry run writes nothing, so it only checks for a writer: if one holds the image the
+    run is an estimate (module docstring). A real run takes the locks, or raises
+    :class:`~vmreclaim.core.errors.ImageBusyError` naming the holder.
     """
     if dry_run:
-        fd = image.data_file.fd
-        for f in {image.file.path: image.file, image.data_file.path: image.data_file}.values():
-            reason = f.busy_reason()
-            if reason is not None:
-                raise ImageBusyError(f"{f.path}: image is busy: another process {reason}; stop it first")
-        yield fd
+        files = {image.file.path: image.file, image.data_file.path: image.data_file}.values()
+        busy = any(f.busy_reason() is not None for f in files)
+        yield image.data_file.fd, busy
         return
     with ExitStack() as stack:
         if image.data_file is not image.file:
             stack.enter_context(image.file.hold_for_writing())
-        yield stack.enter_context(image.data_file.hold_for_writing())
+        yield stack.enter_context(image.data_file.hold_for_writing()), False
 
 
 @dataclass(frozen=True)
@@ -179,7 +186,9 @@ class FreeSpaceScan:
         return [f"{f.volume.label}: {f.skipped}" for f in self.filesystems if f.skipped is not None]
 
 
-def scan_free_space(image: Image, stage: Callable[[str], ProgressCallback] | None = None) -> FreeSpaceScan:
+def scan_free_space(
+    image: Image, stage: Callable[[str], ProgressCallback] | None = None, *, estimate: bool = False
+) -> FreeSpaceScan:
     """Identify every volume of ``image`` and read each readable filesystem's free bytes.
 
     The one reader of guest free space offline: ``image sparsify`` and the host
@@ -188,7 +197,9 @@ def scan_free_space(image: Image, stage: Callable[[str], ProgressCallback] | Non
     fails, a journal needs recovery, ...), every installed reader must load (a broken one
     raises :class:`~vmreclaim.core.errors.DriverLoadError`, never a silent skip), and a
     driver reporting free bytes past the end of its volume raises
-    :class:`~vmreclaim.core.errors.VMReclaimError`.
+    :class:`~vmreclaim.core.errors.VMReclaimError`. ``estimate`` (a dry run of an image
+    in use, nothing punched): the readers may read stale structures rather than refuse
+    (:meth:`FilesystemReader.free_space`).
     """
     readers = loader.load_all("filesystems", FilesystemReader)
     results: list[FilesystemResult] = []
@@ -215,7 +226,12 @@ def scan_free_space(image: Image, stage: Callable[[str], ProgressCallback] | Non
             )
             continue
         progress = stage(f"{volume.label}: {det.type} bitmaps") if stage is not None else None
-        space = found.reader.free_space(volume, det, progress)
+        # Only an estimate passes the keyword: a driver written before it still works.
+        space = (
+            found.reader.free_space(volume, det, progress, estimate=True)
+            if estimate
+            else found.reader.free_space(volume, det, progress)
+        )
         if space.free and int(space.free.ends[-1]) > volume.length:
             # A driver bug, not a property of the image: refuse loudly (exit 1).
             raise VMReclaimError(

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from vmreclaim.core.errors import VMReclaimError
-from vmreclaim.core.image import image_size, storage_state
+from vmreclaim.core.opening import image_size, storage_state
 from vmreclaim.core.policies import DiskState, Policy, StorageState
 from vmreclaim.host.attempt import POSTPONED, Attempt
 from vmreclaim.host.disks import DiskRuntime

@@ -43,6 +43,7 @@ from vmreclaim.core.plugins import Plugins
 from vmreclaim.core.policies import Policy
 from vmreclaim.host.bookkeeping import ReclaimBook
 from vmreclaim.host.budget import raise_nofile_limit
+from vmreclaim.host.control import ControlServer, control_socket_path
 from vmreclaim.host.disks import DiskRuntime
 from vmreclaim.host.formats import FormatLedger
 from vmreclaim.host.images import ImageOpener
@@ -50,8 +51,11 @@ from vmreclaim.host.ingest import Committer
 from vmreclaim.host.intake import Intake
 from vmreclaim.host.logs import bug, event, setup_logging
 from vmreclaim.host.metrics import HostMetrics
+from vmreclaim.host.operator import DaemonSite, Operator
 from vmreclaim.host.pending import PendingRanges
 from vmreclaim.host.reclaimer import Reclaimer
+from vmreclaim.host.reconcile import ReconcileClock
+from vmreclaim.host.reconcile_jobs import Reconciliations
 from vmreclaim.host.registry import VMRegistry, VMRuntime
 from vmreclaim.host.scheduler import Scheduler
 from vmreclaim.host.status import StatusDocument, StatusServer
@@ -108,6 +112,8 @@ class HostDaemon:
         self.intake: Intake | None = None
         self._document: StatusDocument | None = None
         self.status = StatusServer(config.status_socket, self.status_document)
+        self.reconciliations: Reconciliations | None = None
+        self.control: ControlServer | None = None
         self._critical: list[asyncio.Task[None]] = []
 
     # Read-only views for tests and embedders; the parts own the state.
@@ -185,7 +191,24 @@ class HostDaemon:
             started=self.started,
         )
         self.committer = committer
+        site = DaemonSite(self.registry, self.scheduler, committer, self.images, self._work)
+        rc = cfg.reconcile
+        self.reconciliations = Reconciliations(
+            site,
+            ReconcileClock(rc.interval_seconds, rc.growth_bytes, rc.min_gap_seconds),
+            timeout=rc.timeout_seconds,
+            enabled=rc.enabled,
+        )
+        operator = Operator(
+            self.reconciliations, site, self.registry, self.images, self._work, self.metrics.registry
+        )
         await self.status.start()
+        self.control = ControlServer(control_socket_path(cfg.status_socket), operator.handle)
+        try:
+            await self.control.start()
+        except VMReclaimError:
+            await self.status.close()
+            raise
         if cfg.metrics is not None:
             try:
                 port = self.metrics.serve(cfg.metrics.port, cfg.metrics.address)
@@ -212,6 +235,10 @@ class HostDaemon:
             loop.create_task(committer.run(), name="committer"),
             loop.create_task(self.scheduler.run(self.registry, book), name="scheduler"),
             loop.create_task(self.registry.run_rescans(), name="rescan"),
+            loop.create_task(
+                self.reconciliations.run(cfg.reclaim.tick_seconds, lambda: list(self.registry.vms)),
+                name="reconcile",
+            ),
         ]
         disks = self.scheduler.disks
         orphaned = {k: p.bytes_upper for k, p in self.scheduler.orphans.items() if p}
@@ -266,6 +293,10 @@ class HostDaemon:
             task.cancel()
         await asyncio.gather(*self._critical, return_exceptions=True)
         await self.registry.cancel_tasks()
+        if self.reconciliations is not None:
+            await self.reconciliations.close()
+        if self.control is not None:
+            await self.control.close()
         await self.status.close()
         self.metrics.close()
         if self.store is not None:

@@ -31,6 +31,9 @@ class DiskRuntime:
     last_decision: Decision | None = None
     last_attempt: Attempt | None = None
     last_attempt_at: float | None = None
+    #: The operator asked to reclaim now (``vmreclaim reclaim``): the policy is not asked
+    #: until nothing is pending.
+    forced: bool = False
 
     def back_off(self, retry_max_seconds: float) -> float:
         """Count a failure and wait before the next try (doubling, capped); the wait."""

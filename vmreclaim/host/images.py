@@ -14,8 +14,8 @@ from pathlib import Path
 
 from vmreclaim.core.driver import AUTO
 from vmreclaim.core.formats import Image
-from vmreclaim.core.image import open_image
 from vmreclaim.core.model import Disk
+from vmreclaim.core.opening import open_image
 from vmreclaim.host.formats import FormatLedger
 from vmreclaim.host.logs import event
 

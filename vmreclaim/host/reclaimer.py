@@ -54,7 +54,7 @@ from vmreclaim.core.locks import hold_for_writing
 from vmreclaim.core.model import Disk
 from vmreclaim.core.pipeline import Pipeline
 from vmreclaim.core.protocol import FenceReady, FenceRefused, TrimDone, pairs_to_ranges
-from vmreclaim.core.punch import allocated_bytes, host_block_size
+from vmreclaim.core.punch import allocated_bytes
 from vmreclaim.core.ranges import ByteRange, RangeSet
 from vmreclaim.core.reclaim import ReclaimReport, only_allocated, plan_reclaim
 from vmreclaim.core.sparsify import scan_free_space
@@ -365,8 +365,8 @@ class Reclaimer:
             asked = ranges.clip(ByteRange(0, image.virtual_size))
             if not asked:
                 return asked
-            fd = image.data_file.fd
-            plan = only_allocated(plan_reclaim(image, asked, host_block_size(fd)), fd)
+            file = image.data_file
+            plan = only_allocated(plan_reclaim(image, asked, file.punch_block_size(file.fd)), file, file.fd)
             return asked.subtract(RangeSet.from_ranges((s.start, s.length) for s in plan.skipped))
 
     def _punch_live(

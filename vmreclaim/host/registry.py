@@ -46,6 +46,8 @@ class VMRuntime:
     listener: asyncio.Task[None] | None = None
     session: AgentSession | None = None
     rejected: int = 0
+    #: The VM had no channel when last seen: logged once per change, not every rescan.
+    no_channel: bool = False
     _log_window: float = 0.0
     _logged: int = 0
 
@@ -74,6 +76,7 @@ class VMRegistry:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._rescan_now = asyncio.Event()
         self._stopping = False
+        self._hypervisor_down = False
 
     async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -120,8 +123,13 @@ class VMRegistry:
                 self._scheduler.track(disk, totals.get(disk.key) if totals is not None else None)
             if vmrt.listener is None and info.channel is not None and not self._stopping:
                 vmrt.listener = self._spawn(self._listen(name), f"listen:{name}")
-            elif info.channel is None:
-                event(logging.WARNING, "vm.no_channel", vm=name)
+            if (info.channel is None) != vmrt.no_channel:
+                vmrt.no_channel = info.channel is None
+                if vmrt.no_channel:
+                    # A stopped VM has no channel until it starts (libvirt's socket path
+                    # comes from the live XML): that is news, not a fault.
+                    level = logging.WARNING if info.running else logging.INFO
+                    event(level, "vm.no_channel", vm=name, running=info.running)
         for name in set(self.vms) - seen:
             vmrt = self.vms.pop(name)
             if vmrt.listener is not None:
@@ -183,8 +191,13 @@ class VMRegistry:
             try:
                 infos = await self._thread(self._hypervisor.vms)
             except HypervisorError as exc:
-                event(logging.WARNING, "hypervisor.unavailable", error=str(exc))
+                if not self._hypervisor_down:  # once per outage, not at every rescan
+                    event(logging.WARNING, "hypervisor.unavailable", error=str(exc))
+                self._hypervisor_down = True
                 continue
+            if self._hypervisor_down:
+                event(logging.INFO, "hypervisor.available")
+                self._hypervisor_down = False
             self.apply(infos)
 
     def request_rescan(self) -> None:

@@ -24,8 +24,8 @@ from typing import Any, Protocol
 from vmreclaim.core.config import ReclaimConfig
 from vmreclaim.core.errors import VMReclaimError
 from vmreclaim.core.hypervisors import VMInfo
-from vmreclaim.core.image import image_size, storage_state
 from vmreclaim.core.model import MAX_RANGES_PER_RECORD, DeletionRecord, Disk, VMIdentity
+from vmreclaim.core.opening import image_size, storage_state
 from vmreclaim.core.pipeline import Pipeline
 from vmreclaim.core.policies import Decision, DiskState, Policy
 from vmreclaim.host import budget
@@ -199,8 +199,22 @@ class Scheduler:
                     self._evaluate(rt, vms, book, now, mono)
             await asyncio.sleep(DECIDE_COALESCE_SECONDS)
 
+    def force(self, key: str) -> None:
+        """Reclaim disk ``key``'s pending ranges without asking the policy (the operator)."""
+        rt = self.disks.get(key)
+        if rt is not None:
+            rt.forced = True
+            self.mark([key])
+
     def _evaluate(self, rt: DiskRuntime, vms: ServedVMs, book: ReclaimBook, now: float, mono: float) -> None:
+        if not rt.pending:
+            rt.forced = False
         if self._stopping or rt.busy or not rt.pending or mono < rt.retry_at:
+            return
+        if rt.forced:
+            rt.last_decision = Decision(True, "the operator asked (vmreclaim reclaim)")
+            rt.busy = True
+            self._spawn(self._reclaim(rt, vms, book), f"reclaim:{rt.disk.key}")
             return
         try:
             # A named image (rbd:...) answers through its driver: the pool's usage.

@@ -28,12 +28,15 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vmreclaim.core.errors import FenceError, ProtocolError
+from vmreclaim.core.freespace import FreeSpace, Reconcile
 from vmreclaim.core.hypervisors import VMInfo
 from vmreclaim.core.lease import Lease
 from vmreclaim.core.lines import read_line
 from vmreclaim.core.model import MAX_RANGES_PER_RECORD, DeletionRecord, Disk
 from vmreclaim.core.protocol import (
+    MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
+    RECONCILE_VERSION,
     Ack,
     Error,
     Fence,
@@ -60,8 +63,9 @@ from vmreclaim.core.ranges import RangeSet
 from vmreclaim.core.transports import MAX_LINE_BYTES
 from vmreclaim.host.budget import DEFAULT_LIMITS, VMBudget
 from vmreclaim.host.logs import event, guest_event
+from vmreclaim.host.reconcile import FreeSpaceAnswer, FreeSpaceCollector
 
-#: An agent must say hello this soon after connecting.
+#: After this long without a hello the host says (once) that it is still waiting.
 HELLO_TIMEOUT = 30.0
 #: A session that sends this many bad lines in a row is dropped.
 MAX_BAD_LINES = 32
@@ -168,6 +172,9 @@ class AgentSession:
         self._leases: dict[int, Lease] = {}
         #: One fence (or trim) per VM at a time: a guest freezes one disk at once.
         self.fence_lock = asyncio.Lock()
+        #: The protocol version of this connection (set by the handshake).
+        self.version = 0
+        self._free_space = FreeSpaceCollector()
 
     # -- the connection's life -----------------------------------------------------------
 
@@ -193,6 +200,7 @@ class AgentSession:
             if not pending.future.done():
                 pending.future.set_exception(FenceError(f"agent of VM {self.name}: {why}"))
                 pending.future.exception()  # seen here; a waiter, if any, still gets it
+        self._free_space.close(f"agent of VM {self.name}: {why}")
         self.host.detach(self)
         self.writer.close()
         with contextlib.suppress(Exception):
@@ -206,7 +214,7 @@ class AgentSession:
             rejected=self.rejected,
         )
 
-    def send(self, message: _Message) -> None:
+    def send(self, message: _Message | Reconcile) -> None:
         if not self.closed and not self.writer.is_closing():
             self.writer.write(encode(message))
 
@@ -221,14 +229,20 @@ class AgentSession:
         return await read_line(self.reader, sender=f"agent of VM {self.name}", on_partial=partial)
 
     async def _handshake(self) -> bool:
+        # A silent channel is a guest still booting (QEMU's end of a virtio-serial port
+        # is there from the VM's start), not hostile input: wait for it without counting
+        # a rejection, and say once that it is slow. A guest can only hold its own channel.
+        slow = asyncio.get_running_loop().call_later(
+            HELLO_TIMEOUT,
+            lambda: event(logging.INFO, "agent.waiting_for_hello", vm=self.name, seconds=HELLO_TIMEOUT),
+        )
         try:
-            line = await asyncio.wait_for(self._next_line(), HELLO_TIMEOUT)
-        except TimeoutError:
-            self._refuse(f"no hello within {HELLO_TIMEOUT:.0f}s")
-            return False
+            line = await self._next_line()
         except ProtocolError as exc:
             self._refuse(str(exc))
             return False
+        finally:
+            slow.cancel()
         if line is None:
             return False
         await self.budget.pace(len(line))
@@ -240,9 +254,10 @@ class AgentSession:
         if not isinstance(hello, Hello):
             self._refuse(f"the first message must be 'hello', not {hello.type!r}")
             return False
-        if hello.v < PROTOCOL_VERSION:
+        if hello.v < MIN_PROTOCOL_VERSION:
             self._refuse(
-                f"protocol version {hello.v} is not supported; this host speaks version {PROTOCOL_VERSION}"
+                f"protocol version {hello.v} is not supported; this host speaks versions "
+                f"{MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}"
             )
             return False
         caps = frozenset(hello.capabilities)
@@ -269,9 +284,10 @@ class AgentSession:
                     detail=mismatched[disk.id],
                 )
         self.info = SessionInfo(hello.agent, caps, modes, sizes, mismatched)
+        self.version = min(hello.v, PROTOCOL_VERSION)
         self.send(
             Welcome(
-                v=PROTOCOL_VERSION,
+                v=self.version,
                 vm=self.name,
                 disks=[
                     WelcomeDisk(id=d.id, size=sizes.get(d.id, 0), mode=modes[d.id]) for d in self.vm.disks
@@ -347,6 +363,10 @@ class AgentSession:
             self._released(message)
         elif isinstance(message, Error):
             guest_event(self.name, logging.WARNING, "agent.error", error=message.error, ref=message.ref)
+        elif isinstance(message, FreeSpace):
+            refusal = self._free_space.received(message)
+            if refusal is not None:
+                self._bad_line(refusal, "free_space")
         elif isinstance(message, Pong):
             pass
         elif isinstance(message, Hello):
@@ -534,6 +554,29 @@ class AgentSession:
     def stop_trimming(self, disk_id: str) -> None:
         """The guest's disk takes no discards after all: reclaim it by fence from now on."""
         self.info.modes[disk_id] = "fence"
+
+    @property
+    def can_reconcile(self) -> bool:
+        return self.welcomed and not self.closed and self.version >= RECONCILE_VERSION
+
+    async def free_space(self, disk: Disk, timeout: float) -> FreeSpaceAnswer:
+        """The agent's whole free space of ``disk``, validated (``reconcile``, version 2)."""
+        size = self.info.sizes.get(disk.id)
+        if not self.can_reconcile or size is None or disk.id in self.info.mismatched:
+            why = self.info.mismatched.get(disk.id) or (
+                "its size is unknown" if size is None else f"protocol version {self.version}"
+            )
+            raise FenceError(f"agent of VM {self.name} cannot reconcile disk {disk.id!r}: {why}")
+        request, future = self._free_space.ask(disk.id, size)
+        if request is not None:
+            self.send(request)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            self._free_space.abandon(future)
+            raise FenceError(
+                f"agent of VM {self.name} did not send the free space of {disk.id!r} within {timeout:.0f}s"
+            ) from None
 
     def describe(self) -> dict[str, Any]:
         return {

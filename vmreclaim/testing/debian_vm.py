@@ -367,7 +367,7 @@ class GuestShell:
         ret = self.command("guest-exec", {"path": "/bin/sh", "arg": ["-c", script], "capture-output": True})
         return int(ret["pid"])
 
-    def wait(self, pid: int, timeout: float = 120.0) -> tuple[int, str, str]:
+    def wait(self, pid: int, timeout: float = 300.0) -> tuple[int, str, str]:
         deadline = time.monotonic() + timeout
         while True:
             st = self.command("guest-exec-status", {"pid": pid})
@@ -379,7 +379,7 @@ class GuestShell:
                 raise ImageBuildError(f"guest command {pid} still running after {timeout:.0f}s")
             time.sleep(0.1)
 
-    def run(self, script: str, timeout: float = 120.0) -> str:
+    def run(self, script: str, timeout: float = 300.0) -> str:
         """Run ``sh -c script``; its stdout. Raises when it fails."""
         code, out, err = self.wait(self.spawn(script), timeout)
         if code != 0:

@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 import yaml
 
+from vmreclaim.core.freespace import FreeSpace, Reconcile
 from vmreclaim.core.protocol import (
     PROTOCOL_VERSION,
     Ack,
@@ -261,6 +262,10 @@ class AgentPeer:
     ready: dict[int, tuple[float, FenceReady]] = field(default_factory=dict)
     releases: list[tuple[float, Release]] = field(default_factory=list)
     trims: list[Trim] = field(default_factory=list)
+    #: ``reconcile`` requests received (protocol version 2). ``on_reconcile``, when set,
+    #: gives the ``free_space`` messages to answer each with; unset, nothing is answered.
+    reconciles: list[Reconcile] = field(default_factory=list)
+    on_reconcile: Callable[[Reconcile], Sequence[FreeSpace]] | None = None
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     _reader: asyncio.StreamReader | None = None
     _writer: asyncio.StreamWriter | None = None
@@ -378,6 +383,11 @@ class AgentPeer:
                 elif isinstance(message, Trim):
                     self.trims.append(message)
                     asyncio.get_running_loop().create_task(self._trim(message))
+                elif isinstance(message, Reconcile):
+                    self.reconciles.append(message)
+                    if self.on_reconcile is not None:
+                        for answer in self.on_reconcile(message):
+                            await self.send(answer)
                 elif isinstance(message, Ping):
                     await self.send(Pong(nonce=message.nonce))
                 await self._notify()

@@ -99,12 +99,17 @@ class ExtReader(FilesystemReader):
         return detection
 
     def free_space(
-        self, volume: Volume, detection: Detection, progress: ProgressCallback | None = None
+        self,
+        volume: Volume,
+        detection: Detection,
+        progress: ProgressCallback | None = None,
+        *,
+        estimate: bool = False,
     ) -> FreeSpace:
         where = _where(volume)
         raw = volume.read(SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, "ext superblock")
         sb = parse_superblock(raw, where)
-        check_safe(sb, volume, where)
+        check_safe(sb, volume, where, stale_ok=estimate)
         layout = _Layout(sb, volume, where)
         free = layout.free_clusters(progress)
         # A bitmap can lie with every count and checksum agreeing: the inodes are the witness.

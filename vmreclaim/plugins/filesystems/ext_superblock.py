@@ -261,11 +261,17 @@ def validate(sb: Superblock, where: str) -> None:
         raise CorruptImageError(f"{where}: ext superblock: " + "; ".join(problems))
 
 
-def check_safe(sb: Superblock, volume: Volume, where: str) -> None:
-    """Refuse a filesystem whose bitmaps on disk may not be the truth, or that we cannot read."""
+def check_safe(sb: Superblock, volume: Volume, where: str, *, stale_ok: bool = False) -> None:
+    """Refuse a filesystem whose bitmaps on disk may not be the truth, or that we cannot read.
+
+    ``stale_ok`` (an estimate, nothing punched): a mounted or crashed filesystem's
+    bitmaps are read as they stand; everything else is still checked.
+    """
     name = sb.type_name
     fix = "boot the VM and shut it down cleanly, or run e2fsck -f on the image, then retry"
-    if sb.incompat & INCOMPAT_RECOVER:
+    if stale_ok:
+        pass
+    elif sb.incompat & INCOMPAT_RECOVER:
         raise UnsupportedImageError(
             f"{where}: {name} journal needs recovery (the filesystem is mounted by a running or "
             f"crashed guest); its block bitmaps may be stale, nothing was changed: {fix}"
@@ -274,7 +280,7 @@ def check_safe(sb: Superblock, volume: Volume, where: str) -> None:
         raise UnsupportedImageError(
             f"{where}: {name} has recorded errors (s_state {sb.state:#x}): run e2fsck -f"
         )
-    if not sb.state & STATE_VALID or sb.state & STATE_ORPHANS:
+    if not stale_ok and (not sb.state & STATE_VALID or sb.state & STATE_ORPHANS):
         raise UnsupportedImageError(
             f"{where}: {name} was not cleanly unmounted (s_state {sb.state:#x}); its block bitmaps "
             f"may be stale, nothing was changed: {fix}"

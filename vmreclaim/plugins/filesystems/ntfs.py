@@ -286,7 +286,12 @@ class NtfsReader(FilesystemReader):
         return Detection("ntfs", bytes_per_sector * sectors or None, uuid=f"{serial:016X}")
 
     def free_space(
-        self, volume: Volume, detection: Detection, progress: ProgressCallback | None = None
+        self,
+        volume: Volume,
+        detection: Detection,
+        progress: ProgressCallback | None = None,
+        *,
+        estimate: bool = False,  # read as in a real run: nothing stale is relaxed here
     ) -> FreeSpace:
         where = f"{volume.image.file.path}: {volume.label}"
         boot = _parse_boot(volume.read(0, 512, "ntfs boot sector"), where)

@@ -226,7 +226,12 @@ class VfatReader(FilesystemReader):
         )
 
     def free_space(
-        self, volume: Volume, detection: Detection, progress: ProgressCallback | None = None
+        self,
+        volume: Volume,
+        detection: Detection,
+        progress: ProgressCallback | None = None,
+        *,
+        estimate: bool = False,  # read as in a real run: nothing stale is relaxed here
     ) -> FreeSpace:
         where = f"{volume.image.file.path}: {volume.label}"
         lay = _layout(volume.read(0, 512, "fat boot sector"), where)

@@ -317,6 +317,9 @@ class RbdFile(ImageFile):
             with contextlib.suppress(rados.Error, rbd.Error):
                 writer.close()  # releases the lock
 
+    def held(self, fd: int, window: ByteRange) -> RangeSet:
+        return self.extents(window, None)  # whole objects: a tail's object is held
+
     def punch_block_size(self, fd: int) -> int:
         return self.object_size
 

@@ -15,7 +15,7 @@ import pytest
 from vmreclaim.core import loader
 from vmreclaim.core.errors import VMReclaimError
 from vmreclaim.core.filesystems import FilesystemReader
-from vmreclaim.core.image import open_image
+from vmreclaim.core.opening import open_image
 from vmreclaim.core.volumes import Volume
 
 

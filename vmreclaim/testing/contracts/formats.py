@@ -30,7 +30,7 @@ import pytest
 from vmreclaim.core import loader
 from vmreclaim.core.extents import ExtentKind
 from vmreclaim.core.formats import ImageFile, ImageFormat
-from vmreclaim.core.image import open_image
+from vmreclaim.core.opening import open_image
 from vmreclaim.core.punch import allocated_bytes
 from vmreclaim.core.ranges import ByteRange, RangeSet
 from vmreclaim.testing.helpers import qemu_io_holding, require_tool

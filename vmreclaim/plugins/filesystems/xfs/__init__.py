@@ -56,7 +56,12 @@ class XfsReader(FilesystemReader):
         return Detection("xfs", block_size or None, label, sb.uuid_text(raw[32:48]))
 
     def free_space(
-        self, volume: Volume, detection: Detection, progress: ProgressCallback | None = None
+        self,
+        volume: Volume,
+        detection: Detection,
+        progress: ProgressCallback | None = None,
+        *,
+        estimate: bool = False,  # read as in a real run: nothing stale is relaxed here
     ) -> FreeSpace:
         where = f"{volume.image.file.path}: {volume.label}"
         (sectsize,) = struct.unpack_from(">H", volume.read(0, 512, "xfs superblock"), 102)
