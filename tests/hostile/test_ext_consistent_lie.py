@@ -48,4 +48,5 @@ def test_a_consistently_lying_ext2_bitmap_does_not_cost_a_file_its_block(tmp_pat
     before = hashlib.sha256(out.read_bytes()).hexdigest()
     rc = main(["image", "sparsify", "--format", "raw", str(img)])
     run(["debugfs", "-R", f"dump file.bin {out}", str(img)])
-    assert rc == 4 or hashlib.sha256(out.read_bytes()).hexdigest() == before
+    assert rc == 4  # the inode walk refuses: it names the block the bitmap calls free
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == before
