@@ -111,3 +111,25 @@ def test_the_inode_walk_accepts_healthy_shapes(tmp_path: Path, fstype: str, opti
     assert main(["image", "sparsify", "--format", "raw", str(img)]) == 0
     run(["debugfs", "-R", f"dump big.bin {out}", str(img)])
     assert hashlib.sha256(out.read_bytes()).hexdigest() == before
+
+
+@pytest.mark.parametrize("field, value", [("block[IND]", 1 << 30), ("block[DIND]", 0), ("file_acl", 1 << 29)])
+def test_a_hostile_indirect_map_is_refused_and_nothing_changes(
+    tmp_path: Path, field: str, value: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ext2: an indirect pointer or xattr block past the end, or a double-indirect pointer at
+    a free block (its zeroes name nothing, but the block itself is free), is refused."""
+    require_tool("mkfs.ext2", "debugfs")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "file.bin").write_bytes(os.urandom(64 * 1024))
+    img = tmp_path / "disk.raw"
+    with open(img, "wb") as f:
+        f.truncate(32 * MIB)
+    run(["mkfs.ext2", "-q", "-F", "-b", str(BS), "-d", str(src), str(img)])
+    value = value or int(_debugfs(img, "ffb 1 5000").split()[-1])  # 0: a free block
+    run(["debugfs", "-w", "-R", f"sif file.bin {field} {value}", str(img)])
+    before = hashlib.sha256(img.read_bytes()).hexdigest()
+    assert main(["image", "sparsify", "--format", "raw", str(img)]) == 4
+    assert "inode 12" in capsys.readouterr().err
+    assert hashlib.sha256(img.read_bytes()).hexdigest() == before
