@@ -26,6 +26,7 @@ pulled out of them with numpy; the walk itself is per inode, the check vectorise
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -212,9 +213,9 @@ def check_inode_blocks(layout: LayoutLike, free: RangeSet) -> None:
         )
 
 
-def _in_use_inodes(layout: LayoutLike) -> list[tuple[int, bytes]]:
+def _in_use_inodes(layout: LayoutLike) -> Iterator[tuple[int, bytes]]:
     """(inode number, raw inode) of every inode its group's bitmap marks in use, reading
-    only the inode-table blocks that hold one."""
+    only the inode-table blocks that hold one, one group at a time (bounded memory)."""
     sb = layout.sb
     ipg, isize, bs = sb.inodes_per_group, sb.inode_size, sb.block_size
     per_block = bs // isize
@@ -228,7 +229,6 @@ def _in_use_inodes(layout: LayoutLike) -> list[tuple[int, bytes]]:
     else:
         live = np.full(layout.groups, ipg, dtype=np.int64)
         groups = np.arange(layout.groups)
-    out: list[tuple[int, bytes]] = []
     bitmaps = layout._read_blocks(layout.inode_bitmap[groups].astype(np.int64), -(-ipg // 8), "inode bitmap")
     for row, g in enumerate(groups.tolist()):
         used = np.unpackbits(bitmaps[row], bitorder="little")[: int(live[g])]
@@ -247,5 +247,4 @@ def _in_use_inodes(layout: LayoutLike) -> list[tuple[int, bytes]]:
             links, dtime = struct.unpack_from("<H", raw, 0x1A)[0], struct.unpack_from("<I", raw, 0x14)[0]
             if links == 0 and dtime != 0:
                 continue  # deleted: e2fsck would clear its bitmap bit; its blocks may be reused
-            out.append((ino, raw))
-    return out
+            yield ino, raw
