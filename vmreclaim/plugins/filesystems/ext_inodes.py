@@ -46,8 +46,8 @@ S_IFMT = 0xF000
 S_IFREG = 0x8000
 S_IFDIR = 0x4000
 S_IFLNK = 0xA000
-#: Inode-table blocks read in one go.
-MAX_TABLE_READ = 4 * 1024 * 1024
+#: Single-indirect blocks read per batch (bounded memory: 4096 blocks of at most 64 KiB).
+PENDING_BATCH = 4096
 
 
 class LayoutLike(Protocol):
@@ -81,6 +81,8 @@ class _Walker:
         self.owners: list[int] = []
         #: Tree and indirect blocks read in all: bounded by the filesystem's size.
         self.visited = 0
+        self.pending: list[int] = []
+        self.pending_owners: list[int] = []
 
     def refuse(self, ino: int, what: str) -> CorruptImageError:
         return CorruptImageError(f"{self.where}: inode {ino} {what}; run e2fsck -f")
@@ -131,14 +133,41 @@ class _Walker:
     # -- classic indirect map ----------------------------------------------------------------
 
     def indirect(self, ino: int, block: int, level: int) -> None:
+        if level == 1:
+            # Most indirect blocks are single: they are read later in sorted batches.
+            self.name(ino, block, 1, "level-1 indirect block")
+            self.visited += 1
+            self.pending.append(block)
+            self.pending_owners.append(ino)
+            if len(self.pending) >= PENDING_BATCH:
+                self.flush()
+            return
         data = self.read(ino, block, f"level-{level} indirect block")
         entries = np.frombuffer(data, dtype="<u4")
-        entries = entries[entries != 0].astype(np.int64)
-        if level == 1:
-            self._name_many(ino, entries, "block")
-            return
-        for child in entries.tolist():
+        for child in entries[entries != 0].astype(np.int64).tolist():
             self.indirect(ino, child, level - 1)
+
+    def flush(self) -> None:
+        """Read the pending single-indirect blocks and name every block they hold."""
+        if not self.pending:
+            return
+        if self.visited > self.end:
+            raise self.refuse(self.pending_owners[-1], "leads the walk through more blocks than the fs has")
+        rows = self.layout._read_blocks(np.asarray(self.pending, dtype=np.int64), self.bs, "indirect block")
+        entries = np.ascontiguousarray(rows).view("<u4").astype(np.int64)
+        used = entries != 0
+        blocks = entries[used]
+        owners = np.repeat(np.asarray(self.pending_owners, dtype=np.int64), used.sum(axis=1))
+        self.pending, self.pending_owners = [], []
+        bad = np.flatnonzero((blocks < self.sb.first_data_block) | (blocks >= self.end))
+        if bad.size:
+            raise self.refuse(
+                int(owners[bad[0]]),
+                f"names block {int(blocks[bad[0]])} outside blocks [{self.sb.first_data_block}, {self.end})",
+            )
+        self.starts.extend(blocks.tolist())
+        self.counts.extend([1] * blocks.size)
+        self.owners.extend(owners.tolist())
 
     def _name_many(self, ino: int, blocks: npt.NDArray[np.int64], what: str) -> None:
         if not blocks.size:
@@ -193,6 +222,7 @@ def check_inode_blocks(layout: LayoutLike, free: RangeSet) -> None:
     walker = _Walker(layout)
     for ino, raw in _in_use_inodes(layout):
         walker.inode(ino, raw)
+    walker.flush()
     if not walker.starts:
         return
     bs = layout.sb.block_size
