@@ -1,8 +1,8 @@
 """An ext2 block bitmap that lies consistently: one block of a file marked free and one
 free block marked used in the same group, so the group's count, the superblock total
-and (ext2 has none) checksums all agree. docs/safety.md states this limit; this test
-keeps it visible: the property "sparsify refuses or every file's content is unchanged"
-does not hold until the reader walks the inodes (or checks blocks against them).
+and (ext2 has none) checksums all agree. Only the inode that still names the block can
+tell: the reader's inode walk (plugins/filesystems/ext_inodes.py) must refuse, so the
+property "sparsify refuses or every file's content is unchanged" holds.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import hashlib
 import os
 import subprocess
 from pathlib import Path
-
-import pytest
 
 from vmreclaim.cli import main
 from vmreclaim.testing import require_tool, run
@@ -32,12 +30,6 @@ def debugfs(img: Path, *requests: str, write: bool = False) -> str:
     return proc.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="plugins/filesystems/ext.py trusts a block bitmap whose lie keeps every count "
-    "and checksum consistent (freeb of a file's 4 KiB block + setb of a free one in the same "
-    "group, ext2): sparsify punches the file's block (the limit docs/safety.md states)",
-)
 def test_a_consistently_lying_ext2_bitmap_does_not_cost_a_file_its_block(tmp_path: Path) -> None:
     require_tool("mkfs.ext2", "debugfs")
     src = tmp_path / "src"
@@ -56,4 +48,5 @@ def test_a_consistently_lying_ext2_bitmap_does_not_cost_a_file_its_block(tmp_pat
     before = hashlib.sha256(out.read_bytes()).hexdigest()
     rc = main(["image", "sparsify", "--format", "raw", str(img)])
     run(["debugfs", "-R", f"dump file.bin {out}", str(img)])
-    assert rc == 4 or hashlib.sha256(out.read_bytes()).hexdigest() == before
+    assert rc == 4  # the inode walk refuses: it names the block the bitmap calls free
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == before

@@ -43,6 +43,7 @@ from vmreclaim.core.filesystems import Detection, FilesystemReader, FreeSpace, P
 from vmreclaim.core.ranges import ByteRange, RangeSet
 from vmreclaim.core.volumes import Volume
 from vmreclaim.plugins.filesystems.checksums import crc16, crc16_rows, crc32c, crc32c_rows
+from vmreclaim.plugins.filesystems.ext_inodes import check_inode_blocks
 from vmreclaim.plugins.filesystems.ext_superblock import (
     _DESC_CSUM_HI_END,
     BG_BLOCK_UNINIT,
@@ -111,6 +112,11 @@ class ExtReader(FilesystemReader):
         check_safe(sb, volume, where, stale_ok=estimate)
         layout = _Layout(sb, volume, where)
         free = layout.free_clusters(progress)
+        # A bitmap can lie with every count and checksum agreeing: the inodes are the witness.
+        # An estimate punches nothing and may read a live filesystem whose inodes and
+        # bitmaps are mid-update, so there the walk would only refuse spuriously.
+        if not estimate:
+            check_inode_blocks(layout, free)
         return FreeSpace(free=free, block_size=sb.cluster_size, size=sb.blocks_count * sb.block_size)
 
 
