@@ -151,6 +151,9 @@ def test_sparsify_of_a_busy_image_is_refused(cluster: CephCluster, new_image: Ca
         client.open_ioctx(cluster.pool) as ioctx,
         rbd.Image(ioctx, name),
     ):
-        for args in (["sparsify", cluster.spec(name)], ["sparsify", cluster.spec(name), "--dry-run"]):
-            done = cli("image", *args)
-            assert done.returncode == 3 and "busy" in done.stderr, done.stderr
+        done = cli("image", "sparsify", cluster.spec(name))
+        assert done.returncode == 3 and "busy" in done.stderr, done.stderr
+        # A dry run of a busy image is a read-only estimate, labelled as one (issue 13).
+        done = cli("image", "sparsify", cluster.spec(name), "--dry-run", "--json")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["estimate"] is True
