@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from vmreclaim.core.errors import ChannelError, ImageBusyError, ImageError, UsageError, VMReclaimError
 from vmreclaim.host.logs import bug
-from vmreclaim.host.unixserver import UnixSocketServer
+from vmreclaim.host.unixserver import UnixSocketServer, exchange
 
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
@@ -129,24 +129,13 @@ def ask(path: Path, request: dict[str, Any], timeout: float) -> dict[str, Any]:
             raise UsageError(f"control socket {path}: permission denied (only root may use it)") from None
         except OSError as exc:
             raise UsageError(f"cannot reach the host daemon at {path}: {exc.strerror or exc}") from exc
-        chunks = []
-        size = 0
         try:
-            sock.sendall(json.dumps(request).encode() + b"\n")
-            while chunk := sock.recv(1 << 20):
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > MAX_ANSWER_BYTES:
-                    raise ChannelError(f"answer from {path} exceeds {MAX_ANSWER_BYTES} bytes")
+            doc = exchange(sock, json.dumps(request).encode() + b"\n", MAX_ANSWER_BYTES, "answer", path)
         except TimeoutError:
             raise ChannelError(f"host daemon at {path} did not answer within {timeout:.0f}s") from None
     finally:
         sock.close()
-    try:
-        doc = json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ChannelError(f"answer from {path} is not JSON: {exc}") from None
-    if not isinstance(doc, dict) or "ok" not in doc:
+    if "ok" not in doc:
         raise ChannelError(f"answer from {path} is not a vmreclaim control answer")
     if not doc["ok"]:
         code = doc.get("exit", 1)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmreclaim import __version__
 from vmreclaim.core.errors import ChannelError, DaemonUnavailableError
-from vmreclaim.host.unixserver import UnixSocketServer
+from vmreclaim.host.unixserver import UnixSocketServer, exchange
 
 if TYPE_CHECKING:
     # Types only: ``vmreclaim status`` (the client below) need not load the daemon's
@@ -79,15 +79,8 @@ def query_status(path: str | os.PathLike[str], timeout: float = 10.0) -> dict[st
             raise DaemonUnavailableError(
                 f"cannot reach the host daemon at {path}: {exc.strerror or exc}"
             ) from exc
-        chunks = []
-        received = 0
         try:
-            sock.sendall(b"status\n")
-            while chunk := sock.recv(1 << 20):
-                chunks.append(chunk)
-                received += len(chunk)
-                if received > MAX_STATUS_BYTES:
-                    raise ChannelError(f"status from {path} exceeds {MAX_STATUS_BYTES} bytes")
+            doc = exchange(sock, b"status\n", MAX_STATUS_BYTES, "status", path)
         except TimeoutError:
             raise DaemonUnavailableError(
                 f"host daemon at {path} did not answer within {timeout:.0f}s"
@@ -96,11 +89,7 @@ def query_status(path: str | os.PathLike[str], timeout: float = 10.0) -> dict[st
             raise ChannelError(f"reading status from {path}: {exc.strerror or exc}") from exc
     finally:
         sock.close()
-    try:
-        doc = json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ChannelError(f"status from {path} is not JSON: {exc}") from None
-    if not isinstance(doc, dict) or "vms" not in doc:
+    if "vms" not in doc:
         raise ChannelError(f"status from {path} is not a vmreclaim status document")
     return doc
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Any
 
 
 def answers(path: Path) -> bool:
@@ -88,3 +90,28 @@ class UnixSocketServer(ABC):
         self._server = None
         with contextlib.suppress(OSError):
             self.path.unlink()
+
+
+def exchange(sock: socket.socket, request: bytes, limit: int, what: str, path: Path) -> dict[str, Any]:
+    """Send ``request`` on the connected ``sock`` and read the daemon's one JSON object
+    to the end of the stream, at most ``limit`` bytes; ``what`` names it in errors.
+
+    A timeout is left to the caller (``TimeoutError``): what it means differs by socket.
+    """
+    from vmreclaim.core.errors import ChannelError
+
+    chunks = []
+    received = 0
+    sock.sendall(request)
+    while chunk := sock.recv(1 << 20):
+        chunks.append(chunk)
+        received += len(chunk)
+        if received > limit:
+            raise ChannelError(f"{what} from {path} exceeds {limit} bytes")
+    try:
+        doc = json.loads(b"".join(chunks))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ChannelError(f"{what} from {path} is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ChannelError(f"{what} from {path} is not a JSON object")
+    return doc
